@@ -1,0 +1,30 @@
+# Sourced by scripts/test.sh, demo.sh and mount.sh: apt packages + .venv, both idempotent.
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev docker-registry containerd runc
+  stargz-snapshotter erofs-utils golang-go golang-github-containerd-containerd-dev bindfs
+  attr tree curl)
+
+stargzfs_setup() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    echo "setup: installing apt packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+  fi
+  local py=${PYTHON:-python3}
+  if [ ! -x .venv/bin/python ]; then
+    "$py" -m venv .venv
+  fi
+  local stamp=.venv/.stargzfs-installed want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: installing stargzfs into .venv" >&2
+    .venv/bin/python -m pip install -q --upgrade pip >&2 || true
+    .venv/bin/python -m pip install -q -e '.[test]' >&2
+    echo "$want" > "$stamp"
+  fi
+}
+stargzfs_setup

@@ -1,0 +1,298 @@
+"""The one typed model of an eStargz table of contents (`stargz.index.json`).
+
+Every consumer (the RAFS builder, `stargzfs toc`, the FUSE pipeline) reads TOCs through
+`parse_toc`, so the normalisation rules of estargz.md §A3/§A8 live in exactly one place:
+names cleaned like upstream `cleanEntryName`, mode masked to 0o7777 with the type taken
+from `type`, `chunk` records attached to their file, `userName`/`groupName` filled from
+first use, implicit parent directories synthesised, unknown keys ignored. The raw bytes
+are kept so `stargz.index.json` can be written verbatim (its sha256 is the TOC digest).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import calendar
+import hashlib
+import json
+import posixpath
+import re
+import stat
+from dataclasses import dataclass, field
+
+from stargzfs.errors import FormatError
+
+TOC_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+#: Root-level names a TOC-derived filesystem hides (stargz-snapshotter does the same).
+HIDDEN_ROOT_NAMES = frozenset({TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+
+ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo")
+TYPE_BITS = {
+    "dir": stat.S_IFDIR,
+    "reg": stat.S_IFREG,
+    "hardlink": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+EMPTY_SHA256 = "sha256:" + hashlib.sha256(b"").hexdigest()
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One compressed record holding `[chunk_offset, chunk_offset+size)` of a file."""
+
+    offset: int  # compressed offset of the gzip member / zstd frame that starts it
+    chunk_offset: int  # offset of this chunk inside the uncompressed file
+    size: int  # uncompressed length, resolved (never 0)
+    digest: str | None  # `chunkDigest`, "sha256:<hex>" when present
+    inner_offset: int = 0  # uncompressed skip inside the member (estargz >= 0.13)
+    raw_index: int = 0  # index of the record in the TOC's `entries` array
+
+
+@dataclass(slots=True)
+class Entry:
+    """A non-chunk TOC record with its chunks attached (regular files only)."""
+
+    name: str  # normalised: "" is the root, no leading or trailing "/"
+    type: str  # one of ENTRY_TYPES
+    mode: int  # permission bits incl. setuid/setgid/sticky (masked to 0o7777)
+    uid: int = 0
+    gid: int = 0
+    user_name: str = ""
+    group_name: str = ""
+    size: int = 0
+    mtime: int = 0  # seconds since the epoch
+    mtime_nsec: int = 0
+    link_name: str = ""  # symlink: verbatim target; hardlink: normalised target path
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    digest: str | None = None
+    chunks: list[Chunk] = field(default_factory=list)
+    implicit: bool = False  # synthesised parent directory, not in the TOC
+    raw_index: int = -1  # index in the TOC's `entries` array (-1 when implicit)
+
+    @property
+    def st_mode(self) -> int:
+        return TYPE_BITS[self.type] | self.mode
+
+    @property
+    def parent(self) -> str:
+        return posixpath.dirname(self.name)
+
+    @property
+    def basename(self) -> str:
+        return posixpath.basename(self.name)
+
+
+@dataclass(slots=True)
+class Toc:
+    version: int
+    entries: list[Entry]  # TOC order, chunks attached, duplicates kept
+    raw: bytes  # the exact JSON bytes
+    digest: str  # "sha256:<hex>" of `raw`
+    has_root_entry: bool
+    by_name: dict[str, Entry]  # last occurrence wins; root and implicit parents included
+
+    def get(self, name: str) -> Entry | None:
+        return self.by_name.get(clean_name(name))
+
+
+def clean_name(name: str) -> str:
+    """Upstream cleanEntryName: path.Clean("/"+name) without the leading "/"."""
+    cleaned = posixpath.normpath("/" + name).lstrip("/")
+    return "" if cleaned == "." else cleaned
+
+
+def parse_rfc3339(value: str) -> tuple[int, int]:
+    """RFC 3339 (Go writes seconds, containers/storage nanoseconds) → (seconds, nsec)."""
+    match = _RFC3339.match(value.strip())
+    if not match:
+        raise ValueError(f"not an RFC 3339 time: {value!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    frac, zone = match.group(7), match.group(8)
+    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    if zone not in ("Z", "z"):
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    nsec = int((frac or "0")[:9].ljust(9, "0"))
+    return seconds, nsec
+
+
+def toc_digest(raw: bytes) -> str:
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _int(obj: dict, key: str, where: str) -> int:
+    value = obj.get(key, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FormatError(f"TOC {where}: {key!r} must be an integer, got {value!r}")
+    if value < 0:
+        raise FormatError(f"TOC {where}: {key!r} must not be negative, got {value}")
+    return value
+
+
+def _str(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise FormatError(f"TOC {where}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _xattrs(obj: dict, where: str) -> dict[str, bytes]:
+    raw = obj.get("xattrs") or {}
+    if not isinstance(raw, dict):
+        raise FormatError(f"TOC {where}: 'xattrs' must be an object")
+    out: dict[str, bytes] = {}
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise FormatError(f"TOC {where}: xattr {key!r} must be a base64 string")
+        try:
+            out[key] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise FormatError(f"TOC {where}: xattr {key!r} is not valid base64") from None
+    return out
+
+
+def parse_toc(raw: bytes) -> Toc:
+    """Parse and normalise TOC JSON bytes; FormatError names the offending entry."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"TOC is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FormatError("TOC must be a JSON object")
+    version = doc.get("version")
+    if version != 1:
+        raise FormatError(f"TOC version must be 1, got {version!r}")
+    records = doc.get("entries")
+    if records is None:
+        records = []
+    if not isinstance(records, list):
+        raise FormatError("TOC 'entries' must be an array")
+
+    entries: list[Entry] = []
+    user_names: dict[int, str] = {}
+    group_names: dict[int, str] = {}
+    has_root = False
+    last_reg: Entry | None = None
+    for index, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise FormatError(f"TOC entry #{index} is not an object")
+        raw_name = _str(rec, "name", f"entry #{index}")
+        where = f"entry #{index} ({raw_name!r})"
+        kind = _str(rec, "type", where)
+        if kind == "chunk":
+            if last_reg is None:
+                raise FormatError(f"TOC {where}: 'chunk' record without a preceding 'reg' file")
+            _attach_chunk(last_reg, rec, index, where)
+            continue
+        if kind not in TYPE_BITS:
+            raise FormatError(f"TOC {where}: unknown entry type {kind!r}")
+        name = clean_name(raw_name)
+        entry = Entry(
+            name=name,
+            type=kind,
+            mode=_int(rec, "mode", where) & 0o7777,
+            uid=_int(rec, "uid", where),
+            gid=_int(rec, "gid", where),
+            user_name=_str(rec, "userName", where),
+            group_name=_str(rec, "groupName", where),
+            size=_int(rec, "size", where) if kind == "reg" else 0,
+            dev_major=_int(rec, "devMajor", where),
+            dev_minor=_int(rec, "devMinor", where),
+            xattrs=_xattrs(rec, where),
+            digest=_str(rec, "digest", where) or None,
+            raw_index=index,
+        )
+        modtime = _str(rec, "modtime", where)
+        if modtime:
+            try:
+                entry.mtime, entry.mtime_nsec = parse_rfc3339(modtime)
+            except ValueError as exc:
+                raise FormatError(f"TOC {where}: {exc}") from None
+        link = _str(rec, "linkName", where)
+        if kind == "hardlink":
+            if not link:
+                raise FormatError(f"TOC {where}: hardlink without 'linkName'")
+            entry.link_name = clean_name(link)
+        elif kind == "symlink":
+            entry.link_name = link
+        if entry.user_name:
+            user_names.setdefault(entry.uid, entry.user_name)
+        else:
+            entry.user_name = user_names.get(entry.uid, "")
+        if entry.group_name:
+            group_names.setdefault(entry.gid, entry.group_name)
+        else:
+            entry.group_name = group_names.get(entry.gid, "")
+        if kind == "reg":
+            last_reg = entry
+            _attach_chunk(entry, rec, index, where)
+        else:
+            last_reg = None
+        if name == "":
+            if kind != "dir":
+                raise FormatError(f"TOC {where}: the root entry must be a directory")
+            has_root = True
+        entries.append(entry)
+
+    by_name = _index(entries)
+    return Toc(
+        version=1,
+        entries=entries,
+        raw=bytes(raw),
+        digest=toc_digest(raw),
+        has_root_entry=has_root,
+        by_name=by_name,
+    )
+
+
+def _attach_chunk(owner: Entry, rec: dict, index: int, where: str) -> None:
+    chunk_offset = _int(rec, "chunkOffset", where)
+    size = _int(rec, "chunkSize", where) or owner.size - chunk_offset
+    if rec.get("type") == "reg" and owner.size == 0:
+        return  # empty file: no data, no offset
+    if size <= 0 or chunk_offset + size > owner.size:
+        raise FormatError(
+            f"TOC {where}: chunk [{chunk_offset}, {chunk_offset + size}) lies outside "
+            f"{owner.name!r} of size {owner.size}"
+        )
+    owner.chunks.append(
+        Chunk(
+            offset=_int(rec, "offset", where),
+            chunk_offset=chunk_offset,
+            size=size,
+            digest=_str(rec, "chunkDigest", where) or None,
+            inner_offset=_int(rec, "innerOffset", where),
+            raw_index=index,
+        )
+    )
+
+
+def _index(entries: list[Entry]) -> dict[str, Entry]:
+    """Name → entry (last wins), plus the root and every implicit parent directory."""
+    by_name: dict[str, Entry] = {}
+    for entry in entries:
+        by_name[entry.name] = entry
+    if "" not in by_name:
+        by_name[""] = Entry(name="", type="dir", mode=0o755, implicit=True)
+    for name in list(by_name):
+        parent = posixpath.dirname(name)
+        while name and parent not in by_name:
+            by_name[parent] = Entry(name=parent, type="dir", mode=0o755, implicit=True)
+            parent = posixpath.dirname(parent)
+        # a present parent ends the walk: its own ancestors are handled when it is visited
+    return by_name

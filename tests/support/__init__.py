@@ -1,0 +1,1 @@
+"""Fixtures and helpers that start real parts (registry, containerd, kernel mounts)."""
