@@ -1,0 +1,1 @@
+"""Sub-commands of `stargzfs-image`, one module each, each with register(subparsers)."""
