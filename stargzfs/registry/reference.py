@@ -1,0 +1,183 @@
+"""Image references, normalised the way docker (and so containerd's CRI labels) does.
+
+`nginx` must mean the same repository here as in the `containerd.io/snapshot/cri.image-ref`
+label, so the rules follow docker's `ParseNormalizedNamed`: a first path component is a
+registry only if it looks like a host (has `.` or `:`, or is `localhost`); Docker Hub names get
+`library/`; `index.docker.io` is the legacy spelling of `docker.io`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from stargzfs.errors import UsageError
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_LEGACY = "index.docker.io"
+DOCKER_HUB_API = "registry-1.docker.io"
+DEFAULT_TAG = "latest"
+
+# Grammar from distribution/reference (regexp.go), restated.
+_ALNUM = r"[a-z0-9]+"
+_SEPARATOR = r"(?:[._]|__|[-]+)"
+_PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
+_DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST = rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[a-fA-F0-9:]+\])"
+_DOMAIN = rf"{_HOST}(?::[0-9]+)?"
+
+_PATH_COMPONENT_RE = re.compile(rf"^{_PATH_COMPONENT}$")
+_DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_HEX64_RE = re.compile(r"^[a-f0-9]{64}$")
+_MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A fully normalised image reference; `tag` is "latest" when neither tag nor digest was given."""
+
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def api_host(self) -> str:
+        """The host that serves the /v2/ API (Docker Hub's differs from its name)."""
+        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+
+    @property
+    def name(self) -> str:
+        """`registry/repository` without tag or digest (the per-repository cache key)."""
+        return f"{self.registry}/{self.repository}"
+
+    def with_digest(self, digest: str) -> "Reference":
+        return Reference(self.registry, self.repository, self.tag, validate_digest(digest))
+
+    def __str__(self) -> str:
+        text = self.name
+        if self.tag is not None:
+            text += f":{self.tag}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        return text
+
+
+def validate_digest(digest: str) -> str:
+    """Accept `algorithm:encoded`; sha256 must be 64 lower-case hex digits (as in OCI)."""
+    if not _DIGEST_RE.match(digest):
+        raise UsageError(f"invalid digest {digest!r}: expected algorithm:hex, e.g. sha256:<64 hex>")
+    algorithm, _, encoded = digest.partition(":")
+    if algorithm == "sha256" and not _HEX64_RE.match(encoded):
+        raise UsageError(f"invalid digest {digest!r}: sha256 needs 64 lower-case hex digits")
+    if algorithm == "sha512" and not re.match(r"^[a-f0-9]{128}$", encoded):
+        raise UsageError(f"invalid digest {digest!r}: sha512 needs 128 lower-case hex digits")
+    return digest
+
+
+def _split_domain(name: str) -> tuple[str, str]:
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        domain, path = first, rest
+    else:
+        domain, path = DOCKER_HUB, name
+    if domain == DOCKER_HUB_LEGACY:
+        domain = DOCKER_HUB
+    if domain == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    return domain, path
+
+
+def parse_reference(ref: str) -> Reference:
+    """Parse and normalise `ref`; UsageError names what is wrong with it."""
+    if not isinstance(ref, str) or not ref:
+        raise UsageError("invalid image reference '': empty")
+    if ref != ref.strip() or any(ch.isspace() for ch in ref):
+        raise UsageError(f"invalid image reference {ref!r}: contains whitespace")
+    remainder, at, digest = ref.partition("@")
+    digest_value: str | None = None
+    if at:
+        try:
+            digest_value = validate_digest(digest)
+        except UsageError as exc:
+            raise UsageError(f"invalid image reference {ref!r}: {exc}") from None
+    tag: str | None = None
+    last_slash = remainder.rfind("/")
+    colon = remainder.rfind(":")
+    if colon > last_slash:
+        remainder, tag = remainder[:colon], remainder[colon + 1 :]
+        if not _TAG_RE.match(tag):
+            raise UsageError(f"invalid image reference {ref!r}: invalid tag {tag!r}")
+    if not remainder:
+        raise UsageError(f"invalid image reference {ref!r}: missing repository name")
+    if _HEX64_RE.match(remainder):
+        raise UsageError(
+            f"invalid image reference {ref!r}: a 64-hex-digit string is an image id, not a repository"
+        )
+    domain, path = _split_domain(remainder)
+    if not _DOMAIN_RE.match(domain):
+        raise UsageError(f"invalid image reference {ref!r}: invalid registry host {domain!r}")
+    components = path.split("/")
+    for component in components:
+        if not _PATH_COMPONENT_RE.match(component):
+            problem = "must be lower case" if component.lower() != component else "invalid"
+            raise UsageError(
+                f"invalid image reference {ref!r}: repository component {component!r} {problem}"
+            )
+    if len(domain) + 1 + len(path) > _MAX_NAME_LENGTH:
+        raise UsageError(f"invalid image reference {ref!r}: name longer than {_MAX_NAME_LENGTH}")
+    if tag is None and digest_value is None:
+        tag = DEFAULT_TAG
+    return Reference(registry=domain, repository=path, tag=tag, digest=digest_value)
+
+
+def as_reference(ref: "Reference | str") -> Reference:
+    return ref if isinstance(ref, Reference) else parse_reference(ref)
+
+
+def split_host_port(host: str) -> tuple[str, int | None]:
+    """`[::1]:5000` → ("::1", 5000); `example.com` → ("example.com", None)."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return host, None
+        bare, rest = host[1:end], host[end + 1 :]
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+        return bare, port
+    if host.count(":") == 1:
+        bare, _, port_text = host.partition(":")
+        return bare, int(port_text) if port_text.isdigit() else None
+    return host, None
+
+
+def _is_local_address(bare_host: str) -> bool:
+    if bare_host == "localhost" or bare_host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(bare_host)
+    except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    if isinstance(address, ipaddress.IPv4Address):
+        return any(
+            address in ipaddress.ip_network(network)
+            for network in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+        )
+    return False
+
+
+def default_scheme(host: str, insecure_hosts: Collection[str] = ()) -> str:
+    """http for loopback/RFC 1918/localhost names and the listed hosts, https otherwise.
+
+    A listed host matches with or without its port (`myreg:5000` or `myreg`).
+    """
+    bare, _port = split_host_port(host)
+    listed = set(insecure_hosts)
+    if host in listed or bare in listed or _is_local_address(bare):
+        return "http"
+    return "https"
