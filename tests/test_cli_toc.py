@@ -129,8 +129,9 @@ def test_legacy_footer_blob_from_the_registry(registry, tmp_path: Path) -> None:
         (lambda blob: blob[:-51] + bytes.fromhex("1f8b08040000000000ff1500") + b"SG\x11\x00STARGZEXTERNALTOC"
          + bytes.fromhex("010000ffff") + b"\0" * 8, 6, "external-TOC"),
         (lambda blob: b"\x1f" * 20, 3, "only 20 bytes"),
+        (lambda blob: b"", 3, "only 0 bytes"),
     ],
-    ids=["bad-hex", "offset-past-blob", "offset-into-garbage", "no-footer", "external-toc", "tiny"],
+    ids=["bad-hex", "offset-past-blob", "offset-into-garbage", "no-footer", "external-toc", "tiny", "empty"],
 )
 def test_broken_blobs_from_the_registry_exit_with_one_line(
     containerd, registry, image_cache, capsys, tmp_path: Path, mutate, code: int, message: str

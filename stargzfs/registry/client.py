@@ -362,6 +362,10 @@ class BlobReader:
                     self.size = 0
                     return b"", 0
                 raise self._fail(f"suffix range {range_value} refused (HTTP 416, blob size {total})", 416)
+            if status == 206 and response.headers.get("Content-Range", "").strip() == "bytes 0--1/0":
+                # docker-registry 2.8's answer for a suffix range of an empty blob
+                self.size = 0
+                return b"", 0
             if status == 206:
                 first, last, total = self._content_range(response, range_value)
                 if total is None or last != total - 1 or (last - first + 1) != min(length, total):
