@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import functools
 import hashlib
 import json
 import posixpath
@@ -108,10 +109,25 @@ class Toc:
 
 def clean_name(name: str) -> str:
     """Upstream cleanEntryName: path.Clean("/"+name) without the leading "/"."""
+    # Fast path for the common GNU-tar form ("./a/b", "./dir/"): already clean once the
+    # prefix and trailing slash are gone. TOCs hold up to millions of names.
+    stripped = name[2:] if name.startswith("./") else name.lstrip("/")
+    stripped = stripped.rstrip("/")
+    if (
+        "//" not in stripped
+        and ".." not in stripped
+        and "/./" not in stripped
+        and not stripped.startswith("./")
+        and not stripped.endswith("/.")
+        and not stripped.startswith("/")
+        and stripped != "."
+    ):
+        return stripped
     cleaned = posixpath.normpath("/" + name).lstrip("/")
     return "" if cleaned == "." else cleaned
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_rfc3339(value: str) -> tuple[int, int]:
     """RFC 3339 (Go writes seconds, containers/storage nanoseconds) → (seconds, nsec)."""
     match = _RFC3339.match(value.strip())
@@ -131,8 +147,16 @@ def toc_digest(raw: bytes) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def _int(obj: dict, key: str, where: str) -> int:
+def _where(index: int, rec: dict) -> str:
+    """Names an entry in error messages; built only when there is an error (hot loop)."""
+    return f"entry #{index} ({rec.get('name', '')!r})"
+
+
+def _int(obj: dict, key: str, index: int) -> int:
     value = obj.get(key, 0)
+    if type(value) is int and value >= 0:
+        return value
+    where = _where(index, obj)
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int):
@@ -142,8 +166,11 @@ def _int(obj: dict, key: str, where: str) -> int:
     return value
 
 
-def _str(obj: dict, key: str, where: str) -> str:
+def _str(obj: dict, key: str, index: int) -> str:
     value = obj.get(key, "")
+    if type(value) is str:
+        return value
+    where = _where(index, obj)
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -151,8 +178,11 @@ def _str(obj: dict, key: str, where: str) -> str:
     return value
 
 
-def _xattrs(obj: dict, where: str) -> dict[str, bytes]:
-    raw = obj.get("xattrs") or {}
+def _xattrs(obj: dict, index: int) -> dict[str, bytes]:
+    raw = obj.get("xattrs")
+    if not raw:
+        return {}
+    where = _where(index, obj)
     if not isinstance(raw, dict):
         raise FormatError(f"TOC {where}: 'xattrs' must be an object")
     out: dict[str, bytes] = {}
@@ -191,42 +221,41 @@ def parse_toc(raw: bytes) -> Toc:
     for index, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise FormatError(f"TOC entry #{index} is not an object")
-        raw_name = _str(rec, "name", f"entry #{index}")
-        where = f"entry #{index} ({raw_name!r})"
-        kind = _str(rec, "type", where)
+        raw_name = _str(rec, "name", index)
+        kind = _str(rec, "type", index)
         if kind == "chunk":
             if last_reg is None:
-                raise FormatError(f"TOC {where}: 'chunk' record without a preceding 'reg' file")
-            _attach_chunk(last_reg, rec, index, where)
+                raise FormatError(f"TOC {_where(index, rec)}: 'chunk' record without a preceding 'reg' file")
+            _attach_chunk(last_reg, rec, index)
             continue
         if kind not in TYPE_BITS:
-            raise FormatError(f"TOC {where}: unknown entry type {kind!r}")
+            raise FormatError(f"TOC {_where(index, rec)}: unknown entry type {kind!r}")
         name = clean_name(raw_name)
         entry = Entry(
             name=name,
             type=kind,
-            mode=_int(rec, "mode", where) & 0o7777,
-            uid=_int(rec, "uid", where),
-            gid=_int(rec, "gid", where),
-            user_name=_str(rec, "userName", where),
-            group_name=_str(rec, "groupName", where),
-            size=_int(rec, "size", where) if kind == "reg" else 0,
-            dev_major=_int(rec, "devMajor", where),
-            dev_minor=_int(rec, "devMinor", where),
-            xattrs=_xattrs(rec, where),
-            digest=_str(rec, "digest", where) or None,
+            mode=_int(rec, "mode", index) & 0o7777,
+            uid=_int(rec, "uid", index),
+            gid=_int(rec, "gid", index),
+            user_name=_str(rec, "userName", index),
+            group_name=_str(rec, "groupName", index),
+            size=_int(rec, "size", index) if kind == "reg" else 0,
+            dev_major=_int(rec, "devMajor", index),
+            dev_minor=_int(rec, "devMinor", index),
+            xattrs=_xattrs(rec, index),
+            digest=_str(rec, "digest", index) or None,
             raw_index=index,
         )
-        modtime = _str(rec, "modtime", where)
+        modtime = _str(rec, "modtime", index)
         if modtime:
             try:
                 entry.mtime, entry.mtime_nsec = parse_rfc3339(modtime)
             except ValueError as exc:
-                raise FormatError(f"TOC {where}: {exc}") from None
-        link = _str(rec, "linkName", where)
+                raise FormatError(f"TOC {_where(index, rec)}: {exc}") from None
+        link = _str(rec, "linkName", index)
         if kind == "hardlink":
             if not link:
-                raise FormatError(f"TOC {where}: hardlink without 'linkName'")
+                raise FormatError(f"TOC {_where(index, rec)}: hardlink without 'linkName'")
             entry.link_name = clean_name(link)
         elif kind == "symlink":
             entry.link_name = link
@@ -240,12 +269,12 @@ def parse_toc(raw: bytes) -> Toc:
             entry.group_name = group_names.get(entry.gid, "")
         if kind == "reg":
             last_reg = entry
-            _attach_chunk(entry, rec, index, where)
+            _attach_chunk(entry, rec, index)
         else:
             last_reg = None
         if name == "":
             if kind != "dir":
-                raise FormatError(f"TOC {where}: the root entry must be a directory")
+                raise FormatError(f"TOC {_where(index, rec)}: the root entry must be a directory")
             has_root = True
         entries.append(entry)
 
@@ -260,23 +289,23 @@ def parse_toc(raw: bytes) -> Toc:
     )
 
 
-def _attach_chunk(owner: Entry, rec: dict, index: int, where: str) -> None:
-    chunk_offset = _int(rec, "chunkOffset", where)
-    size = _int(rec, "chunkSize", where) or owner.size - chunk_offset
+def _attach_chunk(owner: Entry, rec: dict, index: int) -> None:
+    chunk_offset = _int(rec, "chunkOffset", index)
+    size = _int(rec, "chunkSize", index) or owner.size - chunk_offset
     if rec.get("type") == "reg" and owner.size == 0:
         return  # empty file: no data, no offset
     if size <= 0 or chunk_offset + size > owner.size:
         raise FormatError(
-            f"TOC {where}: chunk [{chunk_offset}, {chunk_offset + size}) lies outside "
+            f"TOC {_where(index, rec)}: chunk [{chunk_offset}, {chunk_offset + size}) lies outside "
             f"{owner.name!r} of size {owner.size}"
         )
     owner.chunks.append(
         Chunk(
-            offset=_int(rec, "offset", where),
+            offset=_int(rec, "offset", index),
             chunk_offset=chunk_offset,
             size=size,
-            digest=_str(rec, "chunkDigest", where) or None,
-            inner_offset=_int(rec, "innerOffset", where),
+            digest=_str(rec, "chunkDigest", index) or None,
+            inner_offset=_int(rec, "innerOffset", index),
             raw_index=index,
         )
     )
