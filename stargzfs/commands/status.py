@@ -1,14 +1,133 @@
-"""`stargzfs status` (placeholder until its issue lands)."""
+"""`stargzfs status ROOT [--json]`: what the snapshotter root looks like to stargzfs.
+
+One row per snapshot in ROOT/metadata.db (read lock-free while the snapshotter runs):
+whether it is an eStargz candidate, which converted artefacts exist in its fs dir,
+where its blob.meta lives (fusedev cache dir or fscache fs dir) and the last error
+the mount recorded in ROOT/stargzfs/state.json. Label values are never printed
+except the image ref and digests (labels may carry registry credentials).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from stargzfs import state
+from stargzfs.errors import UsageError
+from stargzfs.snapshots.store import Snapshot, candidate_reason, load_snapshots
+
+IMAGE_BOOT = "image.boot"
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    parser = sub.add_parser("status", help="not implemented yet")
+    parser = sub.add_parser(
+        "status", help="list the snapshots of a nydus-snapshotter root and their eStargz conversion state"
+    )
+    parser.add_argument("root", type=Path, metavar="ROOT", help="snapshotter root (holds metadata.db)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="fusedev blob cache dir (default ROOT/cache)"
+    )
     parser.set_defaults(func=run)
 
 
+def _listing(directory: str) -> set[str] | None:
+    """Names in a snapshot's fs dir via one readdir: no per-name lookups that a lazy mount might act on."""
+    try:
+        return set(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return set()
+
+
+def snapshot_row(
+    root: Path, cache_dir: Path, snapshot: Snapshot, current: dict[str, dict[str, dict[str, Any]]]
+) -> dict[str, Any]:
+    names = _listing(os.path.join(root, "snapshots", snapshot.id, "fs"))
+    present = names or set()
+    layer_hex = snapshot.layer_hex
+    blob_meta: list[str] = []
+    if layer_hex:
+        if os.path.isfile(os.path.join(cache_dir, f"{layer_hex}.blob.meta")):
+            blob_meta.append("fusedev")
+        if f"{layer_hex}.blob.meta" in present:
+            blob_meta.append("fscache")
+    layer_state = current["layers"].get(layer_hex or "", {})
+    image_state = current["images"].get(snapshot.id, {})
+    reason = candidate_reason(snapshot)
+    return {
+        "id": snapshot.id,
+        "kind": snapshot.kind,
+        "name": snapshot.name,
+        "parent_id": snapshot.parent_id,
+        "candidate": reason is None,
+        "not_candidate_reason": reason,
+        "image_ref": snapshot.image_ref,
+        "layer_digest": snapshot.layer_digest,
+        "toc_digest": snapshot.toc_digest,
+        "fs_dir": names is not None,
+        "bootstrap": bool(layer_hex) and layer_hex in present,
+        "image_boot": IMAGE_BOOT in present,
+        "blob_meta": blob_meta,
+        "layer_status": layer_state.get("status"),
+        "layer_error": layer_state.get("error"),
+        "image_status": image_state.get("status"),
+        "image_error": image_state.get("error"),
+    }
+
+
+def collect(root: Path, cache_dir: Path | None = None) -> dict[str, Any]:
+    """The status document; raises StargzfsError subclasses for a bad root or database."""
+    if not root.is_dir():
+        raise UsageError(f"{root}: not a directory (expected a nydus-snapshotter root)")
+    table = load_snapshots(root / "metadata.db")
+    current = state.load_state(root)
+    cache = cache_dir if cache_dir is not None else root / "cache"
+    return {
+        "root": str(root),
+        "txid": table.txid,
+        "snapshots": [snapshot_row(root, cache, snapshot, current) for snapshot in table.all()],
+    }
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def render_table(document: dict[str, Any]) -> str:
+    header = ("ID", "KIND", "PARENT", "CANDIDATE", "BOOTSTRAP", "IMAGE.BOOT", "BLOB.META", "NAME", "LAST ERROR")
+    rows = [header]
+    for row in document["snapshots"]:
+        error = row["image_error"] or row["layer_error"]
+        rows.append(
+            (
+                row["id"],
+                row["kind"],
+                row["parent_id"] or "-",
+                "yes" if row["candidate"] else f"no: {row['not_candidate_reason']}",
+                _yes(row["bootstrap"]),
+                _yes(row["image_boot"]),
+                ",".join(row["blob_meta"]) or "-",
+                row["name"],
+                error or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1] for r in rows]
+    lines.append(f"{len(document['snapshots'])} snapshots, metadata.db txid {document['txid']}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("stargzfs status: not implemented yet")
+    document = collect(args.root, args.cache_dir)
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render_table(document))
+    return 0

@@ -1,0 +1,100 @@
+"""ROOT/stargzfs/state.json: what the FUSE daemon last did per layer and per image.
+
+Written by the mount (conversion/merge outcomes), read by `stargzfs status`. Writers
+serialize on a sibling lock file and replace the JSON atomically (temp file in the
+same directory + rename), so readers never lock and never see a partial file. A
+missing or corrupt file reads as empty state: it is a diagnostic aid, not a source
+of truth. Callers must keep secrets out of `error` texts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from stargzfs.errors import UsageError
+
+STATE_DIR = "stargzfs"
+STATE_FILE = "state.json"
+LOCK_FILE = "state.lock"
+LAYER_STATUSES = ("converted", "not-estargz", "error")
+IMAGE_STATUSES = ("merged", "error")  # suggested; any short lower-case word is accepted
+MAX_ERROR_CHARS = 2000
+
+_process_lock = threading.Lock()
+_STATUS_WORD = re.compile(r"[a-z][a-z-]{0,31}")
+
+
+def state_path(root: Path) -> Path:
+    return Path(root) / STATE_DIR / STATE_FILE
+
+
+def _empty() -> dict[str, dict[str, dict[str, Any]]]:
+    return {"layers": {}, "images": {}}
+
+
+def _one_line(error: str | None) -> str | None:
+    if error is None:
+        return None
+    flat = " ".join(error.split())
+    return flat if len(flat) <= MAX_ERROR_CHARS else flat[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def load_state(root: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """{"layers": {hex: {...}}, "images": {id: {...}}}; empty when missing or unreadable."""
+    try:
+        raw = json.loads(state_path(root).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return _empty()
+    state = _empty()
+    if isinstance(raw, dict):
+        for section in state:
+            entries = raw.get(section)
+            if isinstance(entries, dict):
+                state[section] = {str(k): v for k, v in entries.items() if isinstance(v, dict)}
+    return state
+
+
+def _update(root: Path, section: str, key: str, record: dict[str, Any]) -> None:
+    directory = Path(root) / STATE_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    with _process_lock, open(directory / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = load_state(root)
+        state[section][key] = record
+        fd, temp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(state, out, indent=1, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, directory / STATE_FILE)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+
+def record_layer(
+    root: Path, layer_hex: str, *, status: str, error: str | None = None, snapshot_id: str | None = None
+) -> None:
+    """Remember the outcome of converting one layer (keyed by its 64-hex digest)."""
+    if status not in LAYER_STATUSES:
+        raise UsageError(f"layer status must be one of {', '.join(LAYER_STATUSES)}, not {status!r}")
+    record: dict[str, Any] = {"status": status, "error": _one_line(error), "time": time.time()}
+    if snapshot_id is not None:
+        record["snapshot_id"] = snapshot_id
+    _update(root, "layers", layer_hex, record)
+
+
+def record_image(root: Path, snapshot_id: str, *, status: str, error: str | None = None) -> None:
+    """Remember the outcome of building image.boot in the top layer snapshot `snapshot_id`."""
+    if not _STATUS_WORD.fullmatch(status):
+        raise UsageError(f"image status must be a short lower-case word like 'merged' or 'error', not {status!r}")
+    _update(root, "images", snapshot_id, {"status": status, "error": _one_line(error), "time": time.time()})
