@@ -1,5 +1,5 @@
 # Sourced by scripts/test.sh, demo.sh and mount.sh: apt packages + .venv, both idempotent.
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev docker-registry containerd runc
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc docker-registry containerd runc
   stargz-snapshotter erofs-utils golang-go golang-github-containerd-containerd-dev
   golang-github-coreos-bbolt-dev bindfs
   attr tree curl)
