@@ -1,14 +1,89 @@
-"""`stargzfs mount` (placeholder until its issue lands)."""
+"""`stargzfs mount ROOT MOUNTPOINT` and `stargzfs umount MOUNTPOINT`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+from stargzfs.errors import UsageError
+from stargzfs.settings import FS_DRIVERS, LOG_LEVELS, MountSettings, build_settings
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    parser = sub.add_parser("mount", help="not implemented yet")
-    parser.set_defaults(func=run)
+    mount = sub.add_parser(
+        "mount",
+        help="serve a nydus-snapshotter root through FUSE",
+        description="MNT/<id>/ shows ROOT/snapshots/<id>/fs/ for every snapshot in ROOT/metadata.db. "
+        "Without -f the command returns once the mount is ready and the daemon keeps serving.",
+    )
+    mount.add_argument("paths", nargs="+", metavar="ROOT MOUNTPOINT",
+                       help="snapshotter root and mountpoint (ROOT may come from --config instead)")
+    mount.add_argument("-f", "--foreground", action="store_true", default=None,
+                       help="serve in this process until unmounted or signalled")
+    mount.add_argument("--rw", action="store_true", default=None,
+                       help="pass writes through to the real dirs (default: read-only, EROFS)")
+    mount.add_argument("--fs-driver", choices=FS_DRIVERS, default=None,
+                       help="where blob.meta files go: fusedev -> cache dir (default), fscache -> fs dir")
+    mount.add_argument("--cache-dir", type=Path, default=None, help="blob cache dir (default ROOT/cache)")
+    mount.add_argument("--nydus-image", type=Path, default=None,
+                       help="external nydus-image builder (default: the bundled stargzfs-image)")
+    mount.add_argument("--insecure-registry", dest="insecure_registries", action="append", default=[],
+                       metavar="HOST", help="talk plain HTTP to HOST[:PORT] (repeatable)")
+    mount.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
+    mount.add_argument("--log-file", type=Path, default=None, help="daemon log (default: stderr)")
+    mount.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT]",
+                       help="extra FUSE mount options (repeatable)")
+    mount.add_argument("--config", type=Path, default=None,
+                       help="nydus-snapshotter style config.toml (CLI flags override it)")
+    mount.set_defaults(func=run_mount)
+
+    umount = sub.add_parser("umount", help="unmount a stargzfs mount (same as fusermount3 -u)")
+    umount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    umount.set_defaults(func=run_umount)
 
 
-def run(args: argparse.Namespace) -> int:
-    raise SystemExit("stargzfs mount: not implemented yet")
+def settings_from_args(args: argparse.Namespace) -> MountSettings:
+    if len(args.paths) > 2:
+        raise UsageError(f"expected ROOT MOUNTPOINT, got {len(args.paths)} paths")
+    root, mountpoint = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    cli = {
+        "root": Path(root) if root is not None else None,
+        "mountpoint": Path(mountpoint),
+        "foreground": args.foreground,
+        "rw": args.rw,
+        "fs_driver": args.fs_driver,
+        "cache_dir": args.cache_dir,
+        "nydus_image": args.nydus_image,
+        "insecure_registries": args.insecure_registries,
+        "log_level": args.log_level,
+        "log_file": args.log_file,
+        "fuse_options": args.fuse_options,
+    }
+    return build_settings(cli, args.config)
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    # Imported here so `stargzfs --help` and other sub-commands do not load pyfuse3.
+    from stargzfs.fuse import daemon
+    from stargzfs.pipeline import SnapshotRootProvider
+
+    settings = settings_from_args(args)
+    daemon.check_root(settings.root)
+    daemon.check_mountpoint(settings.mountpoint)
+    provider = SnapshotRootProvider(settings)
+    if settings.foreground:
+        daemon.configure_logging(settings)
+        daemon.serve(settings, provider)
+        return 0
+    pid = daemon.mount_background(settings, provider)
+    print(f"stargzfs: serving {settings.root} on {settings.mountpoint} (daemon pid {pid}); "
+          f"unmount with: stargzfs umount {settings.mountpoint}", file=sys.stderr)
+    return 0
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    from stargzfs.fuse import daemon
+
+    daemon.unmount(args.mountpoint)
+    return 0

@@ -1,0 +1,657 @@
+"""pyfuse3 Operations: MNT/ lists the provider's top dirs, MNT/<top>/ passes through.
+
+Passthrough model (libfuse passthrough_ll): every inode holds an O_PATH|O_NOFOLLOW fd;
+names are resolved one component at a time with openat() relative to the parent's fd;
+attributes come from fstat() on that fd; files are opened by re-opening
+/proc/self/fd/<fd>. No request ever resolves a multi-component path from ROOT, so symlinks
+and renames inside the real dirs cannot make the daemon read or write outside ROOT.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from stargzfs.fuse.inodes import ROOT_NUMBER, Inode, InodeTable
+from stargzfs.fuse.provider import Provider
+
+log = logging.getLogger(__name__)
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_AT_EMPTY_PATH = 0x1000
+_AT_SYMLINK_NOFOLLOW = 0x100
+_LOOKUP_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+_STRIP_ON_OPEN = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errno_boundary(handler: F) -> F:
+    """Only FUSEError may leave a handler: OSError keeps its errno, anything else is EIO."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: "PassthroughOperations", *args: Any) -> Any:
+        if self.after_init is not None:
+            hook, self.after_init = self.after_init, None
+            hook()  # the kernel only sends requests once it has processed FUSE_INIT
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception as exc:  # noqa: BLE001 - the kernel must get an answer
+            log.error("%s: unexpected %s: %s", handler.__name__, type(exc).__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass
+class _DirHandle:
+    """A snapshot of one directory's names taken at opendir: offsets stay stable."""
+
+    inode: Inode
+    names: list[str]
+    virtual: frozenset[str] = frozenset()
+    tops: Mapping[str, Path] = field(default_factory=dict)
+
+
+class PassthroughOperations(pyfuse3.Operations):
+    """The FUSE request handlers; `provider` decides what MNT/ shows."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        writable: bool = False,
+        entry_timeout: float = 1.0,
+        attr_timeout: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.provider = provider
+        self.writable = writable
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.inodes = InodeTable()
+        # ROOT itself is the trust anchor and may be reached through symlinks; below it
+        # every component is opened with O_NOFOLLOW.
+        self._root_path = Path(provider.root)
+        self._root_fd = os.open(self._root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_stat = os.fstat(self._root_fd)
+        self._started_ns = time.time_ns()
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_dir_handle = 1
+        self._known_tops: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._kernel_notifications = False
+        # Run once, on the first request: settings the kernel resets while handling
+        # FUSE_INIT (e.g. the bdi readahead) must be applied after it.
+        self.after_init: Callable[[], None] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run materialize() in tasks of this nursery and start talking back to the kernel."""
+        self._nursery = nursery
+        self._kernel_notifications = True
+
+    def close(self) -> None:
+        self.inodes.close_all()
+        for handle in list(self._dirs):
+            self._dirs.pop(handle, None)
+        os.close(self._root_fd)
+
+    def notify_changed(self, top: str, name: str) -> None:
+        """Forget cached entry/attrs for MNT/<top>/<name> (files the daemon created itself)."""
+        if not self._kernel_notifications:
+            return
+        parent = self.inodes.find_top(top)
+        if parent is None:
+            return
+        pyfuse3.invalidate_entry_async(parent.number, os.fsencode(name), ignore_enoent=True)
+        self._invalidate_attrs(parent)
+
+    def _invalidate_attrs(self, inode: Inode) -> None:
+        if not self._kernel_notifications:
+            return
+        try:
+            pyfuse3.invalidate_inode(inode.number, attr_only=True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.debug("invalidate inode %d: %s", inode.number, exc)
+
+    # ----------------------------------------------------------------- helpers
+    def _inode(self, number: int) -> Inode:
+        inode = self.inodes.get(number)
+        if inode is None:
+            raise _fail(errno.ESTALE)
+        return inode
+
+    def _real(self, number: int) -> Inode:
+        inode = self._inode(number)
+        if inode.fd is None:
+            # MNT/ and placeholders have no backing file to act on.
+            raise _fail(errno.EROFS if inode.number == ROOT_NUMBER else errno.ENOENT)
+        return inode
+
+    def _writable_dir(self, number: int) -> Inode:
+        if number == ROOT_NUMBER or not self.writable:
+            raise _fail(errno.EROFS)
+        return self._real(number)
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise _fail(errno.EROFS)
+
+    def _attrs(
+        self, number: int, st: os.stat_result, entry_timeout: float, attr_timeout: float
+    ) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = number
+        attrs.generation = 0
+        attrs.entry_timeout = entry_timeout
+        attrs.attr_timeout = attr_timeout
+        attrs.st_mode = st.st_mode
+        attrs.st_nlink = st.st_nlink
+        attrs.st_uid = st.st_uid
+        attrs.st_gid = st.st_gid
+        attrs.st_rdev = st.st_rdev
+        attrs.st_size = st.st_size
+        attrs.st_blksize = st.st_blksize
+        attrs.st_blocks = st.st_blocks
+        attrs.st_atime_ns = st.st_atime_ns
+        attrs.st_mtime_ns = st.st_mtime_ns
+        attrs.st_ctime_ns = st.st_ctime_ns
+        return attrs
+
+    def _real_attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        assert inode.fd is not None
+        return self._attrs(inode.number, os.fstat(inode.fd), self.entry_timeout, self.attr_timeout)
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = ROOT_NUMBER
+        attrs.entry_timeout = self.entry_timeout
+        attrs.attr_timeout = 0  # the listing changes with the snapshot store
+        attrs.st_mode = stat.S_IFDIR | 0o555
+        attrs.st_nlink = 2
+        attrs.st_uid = self._root_stat.st_uid
+        attrs.st_gid = self._root_stat.st_gid
+        attrs.st_blksize = 4096
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
+        return attrs
+
+    def _placeholder_attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """A listed-but-missing file: zero timeouts so every access comes back to lookup."""
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode.number
+        attrs.entry_timeout = 0
+        attrs.attr_timeout = 0
+        attrs.st_mode = stat.S_IFREG | 0o440
+        attrs.st_nlink = 1
+        attrs.st_uid = self._root_stat.st_uid
+        attrs.st_gid = self._root_stat.st_gid
+        attrs.st_blksize = 4096
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
+        return attrs
+
+    def _entry(self, fd: int) -> tuple[Inode, pyfuse3.EntryAttributes]:
+        """Adopt a fresh O_PATH fd (ownership passes to the table) and describe it."""
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode = self.inodes.adopt(fd, st)
+        return inode, self._attrs(inode.number, st, self.entry_timeout, self.attr_timeout)
+
+    def _open_top(self, path: Path) -> int:
+        """O_PATH fd of a top dir, walking down from ROOT without following any symlink."""
+        try:
+            relative = PurePosixPath(path).relative_to(self._root_path)
+        except ValueError:
+            log.warning("provider returned a dir outside ROOT; ignored: %s", path)
+            raise _fail(errno.ENOENT) from None
+        parts = relative.parts
+        if any(part in ("", ".", "..") for part in parts):
+            log.warning("provider returned a non-canonical dir; ignored: %s", path)
+            raise _fail(errno.ENOENT)
+        fd = os.dup(self._root_fd)
+        try:
+            for part in parts:
+                try:
+                    child = os.open(part, _LOOKUP_FLAGS | os.O_DIRECTORY, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        log.warning("not serving %s: %s is not a real directory", path, part)
+                        raise _fail(errno.ENOENT) from None
+                    raise
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _top_dirs(self) -> Mapping[str, Path]:
+        tops = self.provider.top_dirs()
+        gone = self._known_tops - tops.keys()
+        self._known_tops = set(tops)
+        if gone and self._kernel_notifications:
+            for name in gone:
+                pyfuse3.invalidate_entry_async(ROOT_NUMBER, os.fsencode(name), ignore_enoent=True)
+        return tops
+
+    def _lookup_top(self, name: str, tops: Mapping[str, Path]) -> tuple[Inode, pyfuse3.EntryAttributes]:
+        path = tops.get(name)
+        if path is None:
+            raise _fail(errno.ENOENT)
+        inode, attrs = self._entry(self._open_top(path))
+        self.inodes.mark_top(inode, name)
+        return inode, attrs
+
+    async def _materialize(self, parent: Inode, top: str, name: str) -> None:
+        """Await provider.materialize in a task of its own (never cancelled by a lookup)."""
+        if self._nursery is None:
+            await self.provider.materialize(top, name)
+        else:
+            done = trio.Event()
+            outcome: list[BaseException] = []
+
+            async def run() -> None:
+                try:
+                    await self.provider.materialize(top, name)
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting lookup
+                    outcome.append(exc)
+                finally:
+                    done.set()
+
+            self._nursery.start_soon(run, name=f"materialize {top}/{name}")
+            await done.wait()
+            if outcome:
+                raise outcome[0]
+        self._invalidate_attrs(parent)
+
+    # ----------------------------------------------------------------- lookups
+    @_errno_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if name in (b".", b"..") or b"/" in name:
+            raise _fail(errno.ENOENT)
+        parent = self._inode(parent_inode)
+        text = os.fsdecode(name)
+        if parent.number == ROOT_NUMBER:
+            inode, attrs = self._lookup_top(text, self._top_dirs())
+            self.inodes.ref(inode)
+            return attrs
+        if parent.fd is None:
+            raise _fail(errno.ENOTDIR)
+        top = parent.top
+        if top is not None and self.provider.is_hidden(top, text):
+            raise _fail(errno.ENOENT)
+        try:
+            fd = os.open(name, _LOOKUP_FLAGS, dir_fd=parent.fd)
+        except FileNotFoundError:
+            if top is None or text not in self.provider.virtual_names(top):
+                raise
+            await self._materialize(parent, top, text)
+            fd = os.open(name, _LOOKUP_FLAGS, dir_fd=parent.fd)
+        inode, attrs = self._entry(fd)
+        self.inodes.ref(inode)
+        return attrs
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for number, count in inode_list:
+            try:
+                self.inodes.forget(number, count)
+            except Exception as exc:  # noqa: BLE001 - forget must not raise
+                log.error("forget %d: %s", number, exc)
+
+    @_errno_boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        if node.number == ROOT_NUMBER:
+            return self._root_attrs()
+        if node.fd is None:
+            return self._placeholder_attrs(node)
+        return self._real_attrs(node)
+
+    @_errno_boundary
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        node = self._real(inode)
+        return os.fsencode(os.readlink("", dir_fd=node.fd))
+
+    # ----------------------------------------------------------------- directories
+    @_errno_boundary
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        node = self._inode(inode)
+        if node.number == ROOT_NUMBER:
+            tops = dict(self._top_dirs())
+            handle = _DirHandle(node, sorted(tops), tops=tops)
+        else:
+            if node.fd is None:
+                raise _fail(errno.ENOTDIR)
+            listing_fd = os.open(node.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                names = os.listdir(listing_fd)
+            finally:
+                os.close(listing_fd)
+            virtual: frozenset[str] = frozenset()
+            if node.top is not None:
+                top = node.top
+                names = [n for n in names if not self.provider.is_hidden(top, n)]
+                present = set(names)
+                virtual = frozenset(
+                    n for n in self.provider.virtual_names(top) if n not in present
+                )
+                names.extend(sorted(virtual))
+            handle = _DirHandle(node, names, virtual=virtual)
+        number = self._next_dir_handle
+        self._next_dir_handle += 1
+        self._dirs[number] = handle
+        return number
+
+    def _dir_entry(self, handle: _DirHandle, name: str) -> tuple[Inode, pyfuse3.EntryAttributes] | None:
+        """Attributes for one listed name, or None if it vanished since opendir."""
+        if handle.inode.number == ROOT_NUMBER:
+            try:
+                inode, attrs = self._lookup_top(name, handle.tops)
+            except (OSError, pyfuse3.FUSEError):
+                return None
+            return inode, attrs
+        parent = handle.inode
+        if parent.fd is None:
+            return None
+        try:
+            fd = os.open(name, _LOOKUP_FLAGS, dir_fd=parent.fd)
+        except FileNotFoundError:
+            if name in handle.virtual and parent.top is not None:
+                inode = self.inodes.placeholder(parent, parent.top, name)
+                return inode, self._placeholder_attrs(inode)
+            return None
+        return self._entry(fd)
+
+    @_errno_boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise _fail(errno.EBADF)
+        names = handle.names
+        for index in range(start_id, len(names)):
+            name = names[index]
+            found = self._dir_entry(handle, name)
+            if found is None:
+                continue
+            inode, attrs = found
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+                self.inodes.drop_if_unused(inode)
+                return
+            self.inodes.ref(inode)
+
+    @_errno_boundary
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_errno_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        handle = self._dirs.get(fh)
+        if handle is None or handle.inode.fd is None:
+            return
+        fd = os.open(handle.inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ----------------------------------------------------------------- files
+    @_errno_boundary
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        node = self._inode(inode)
+        if node.fd is None:
+            raise _fail(errno.ESTALE if node.placeholder else errno.EISDIR)
+        if flags & _WRITE_FLAGS and not self.writable:
+            raise _fail(errno.EROFS)
+        fd = os.open(node.proc_path, (flags & ~_STRIP_ON_OPEN) | os.O_CLOEXEC)
+        return pyfuse3.FileInfo(fh=fd)
+
+    @_errno_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(fh, size, off)
+
+    @_errno_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._require_writable()
+        return os.pwrite(fh, buf, off)
+
+    @_errno_boundary
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_errno_boundary
+    async def release(self, fh: int) -> None:
+        os.close(fh)
+
+    @_errno_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(fh)
+        else:
+            os.fsync(fh)
+
+    @_errno_boundary
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self._root_fd)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = sv.f_bsize
+        data.f_frsize = sv.f_frsize
+        data.f_blocks = sv.f_blocks
+        data.f_bfree = sv.f_bfree
+        data.f_bavail = sv.f_bavail
+        data.f_files = sv.f_files
+        data.f_ffree = sv.f_ffree
+        data.f_favail = sv.f_favail
+        data.f_namemax = sv.f_namemax
+        return data
+
+    # ----------------------------------------------------------------- xattrs
+    def _xattr_target(self, inode: int) -> Inode | None:
+        """The inode to act on, or None when it has no xattrs we can reach race-free."""
+        node = self._inode(inode)
+        if node.fd is None or node.is_symlink:
+            return None
+        return node
+
+    @_errno_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        node = self._xattr_target(inode)
+        if node is None:
+            raise _fail(pyfuse3.ENOATTR)
+        return os.getxattr(node.proc_path, name)
+
+    @_errno_boundary
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        node = self._xattr_target(inode)
+        if node is None:
+            return []
+        return [os.fsencode(n) for n in os.listxattr(node.proc_path)]
+
+    @_errno_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
+        self._require_writable()
+        node = self._xattr_target(inode)
+        if node is None:
+            raise _fail(errno.EPERM)
+        os.setxattr(node.proc_path, name, value)
+
+    @_errno_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
+        self._require_writable()
+        node = self._xattr_target(inode)
+        if node is None:
+            raise _fail(errno.EPERM)
+        os.removexattr(node.proc_path, name)
+
+    # ----------------------------------------------------------------- writes (--rw)
+    def _check_new_name(self, parent: Inode, name: bytes) -> None:
+        if name in (b".", b"..") or b"/" in name:
+            raise _fail(errno.EINVAL)
+        if parent.top is not None and self.provider.is_hidden(parent.top, os.fsdecode(name)):
+            raise _fail(errno.EPERM)
+
+    def _give_to_caller(self, parent: Inode, name: bytes, ctx: Any) -> None:
+        """New entries belong to the calling user, as if they had created them directly."""
+        if ctx is None or os.geteuid() != 0:
+            return
+        os.chown(name, ctx.uid, ctx.gid, dir_fd=parent.fd, follow_symlinks=False)
+
+    def _lookup_created(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
+        inode, attrs = self._entry(os.open(name, _LOOKUP_FLAGS, dir_fd=parent.fd))
+        self.inodes.ref(inode)
+        return attrs
+
+    @_errno_boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any = None
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._writable_dir(parent_inode)
+        self._check_new_name(parent, name)
+        open_flags = (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, open_flags, mode & 0o7777, dir_fd=parent.fd)
+        try:
+            if ctx is not None and os.geteuid() == 0:
+                os.fchown(fd, ctx.uid, ctx.gid)
+            path_fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            inode, attrs = self._entry(path_fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.inodes.ref(inode)
+        return pyfuse3.FileInfo(fh=fd), attrs
+
+    @_errno_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        parent = self._writable_dir(parent_inode)
+        self._check_new_name(parent, name)
+        os.mkdir(name, mode & 0o7777, dir_fd=parent.fd)
+        self._give_to_caller(parent, name, ctx)
+        return self._lookup_created(parent, name)
+
+    @_errno_boundary
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._writable_dir(parent_inode)
+        self._check_new_name(parent, name)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        self._give_to_caller(parent, name, ctx)
+        return self._lookup_created(parent, name)
+
+    @_errno_boundary
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._writable_dir(parent_inode)
+        self._check_new_name(parent, name)
+        os.symlink(target, name, dir_fd=parent.fd)
+        self._give_to_caller(parent, name, ctx)
+        return self._lookup_created(parent, name)
+
+    @_errno_boundary
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._writable_dir(new_parent_inode)
+        node = self._real(inode)
+        self._check_new_name(parent, new_name)
+        # linkat(AT_SYMLINK_FOLLOW) on the magic link links this very inode, even a symlink.
+        os.link(node.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        self.inodes.ref(node)
+        return self._real_attrs(node)
+
+    @_errno_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
+        parent = self._writable_dir(parent_inode)
+        os.unlink(name, dir_fd=parent.fd)
+
+    @_errno_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
+        parent = self._writable_dir(parent_inode)
+        os.rmdir(name, dir_fd=parent.fd)
+
+    @_errno_boundary
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any = None,
+    ) -> None:
+        old_parent = self._writable_dir(parent_inode_old)
+        new_parent = self._writable_dir(parent_inode_new)
+        self._check_new_name(new_parent, name_new)
+        if flags == 0:
+            os.rename(name_old, name_new, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+            return
+        result = _LIBC.renameat2(
+            ctypes.c_int(old_parent.fd), name_old, ctypes.c_int(new_parent.fd), name_new,
+            ctypes.c_uint(flags),
+        )
+        if result != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    @_errno_boundary
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: int | None, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        self._require_writable()
+        node = self._real(inode)
+        assert node.fd is not None
+        if fields.update_mode:
+            if node.is_symlink:
+                raise _fail(errno.EOPNOTSUPP)
+            os.chmod(node.proc_path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            result = _LIBC.fchownat(
+                ctypes.c_int(node.fd), b"", ctypes.c_uint(uid & 0xFFFFFFFF),
+                ctypes.c_uint(gid & 0xFFFFFFFF), ctypes.c_int(_AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW),
+            )
+            if result != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+        if fields.update_size:
+            if fh is not None:
+                os.ftruncate(fh, attr.st_size)
+            else:
+                os.truncate(node.proc_path, attr.st_size)
+        if fields.update_atime or fields.update_mtime:
+            if node.is_symlink:
+                raise _fail(errno.EOPNOTSUPP)
+            current = os.fstat(node.fd)
+            atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
+            os.utime(node.proc_path, ns=(atime, mtime))
+        return self._real_attrs(node)

@@ -1,0 +1,53 @@
+"""The seam between the FUSE layer and whatever decides what the mount shows.
+
+The ops layer knows nothing about snapshots, registries or builders: it asks a Provider
+which real directories to expose at the top of the mount, which names to list in them
+before they exist, which names to hide, and awaits `materialize` when a listed-but-missing
+name is looked up. The lazy conversion pipeline plugs in here (stargzfs/pipeline.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What MNT/ shows; all paths it returns must lie inside `root`."""
+
+    root: Path
+
+    def top_dirs(self) -> Mapping[str, Path]:
+        """MNT/<name> -> real directory under root.
+
+        Called whenever MNT/ is listed or looked up in, so it must be cheap (cache on the
+        metadata file's stat signature) and must reflect snapshots added or removed since.
+        """
+        ...
+
+    def virtual_names(self, top: str) -> Sequence[str]:
+        """Names listed in MNT/<top>/ even when no such file exists yet."""
+        ...
+
+    def is_hidden(self, top: str, name: str) -> bool:
+        """True for names in MNT/<top>/ that must never be shown (temp files)."""
+        ...
+
+    async def materialize(self, top: str, name: str) -> None:
+        """Create MNT/<top>/<name> for real, or raise OSError(errno.ENOENT/EIO, ...).
+
+        Awaited on lookup of a virtual name that does not exist yet, in its own task, so
+        it never blocks other FUSE requests. Several lookups of one name can await at
+        once: de-duplicating the work (single-flight) is the provider's job.
+        """
+        ...
+
+
+class ChangeNotifier(Protocol):
+    """Handed to providers that create files on their own (outside `materialize`)."""
+
+    def notify_changed(self, top: str, name: str) -> None:
+        """Drop the kernel's cached entry/attributes for MNT/<top>/<name> and MNT/<top>."""
+        ...

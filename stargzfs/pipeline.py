@@ -1,0 +1,360 @@
+"""What a stargzfs mount of a snapshotter root shows (the Provider behind MNT/), and when it converts.
+
+MNT/<id>/ is ROOT/snapshots/<id>/fs/ for every snapshot in ROOT/metadata.db whose `fs`
+dir exists. In an eStargz candidate's dir, `<hex>` (its layer bootstrap) and `image.boot`
+(its chain merged) are listed before they exist and built on first lookup:
+convert.py does one layer, compose.py the merge; this module decides when, keeps one
+conversion per key in flight (single-flight), remembers "not eStargz", backs off after
+failures and records every outcome in ROOT/stargzfs/state.json for `stargzfs status`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from stargzfs import state
+from stargzfs.compose import IMAGE_BOOT, ChainLayer, compose_image
+from stargzfs.convert import (
+    ConversionError,
+    ConversionPlan,
+    NotConvertible,
+    convert_layer,
+    detect_builder,
+    open_dir_beneath,
+    remove_temps,
+    temp_name_patterns,
+)
+from stargzfs.errors import StargzfsError, UsageError
+from stargzfs.registry import RegistryClient, RegistryConfig
+from stargzfs.settings import MountSettings
+from stargzfs.snapshots.store import Snapshot, SnapshotSource, SnapshotTable, candidate_reason
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIXES = ("converting-stargz", "merging-stargz")
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: OSError | None = None
+
+
+@dataclass
+class _Failure:
+    attempts: int
+    retry_at: float
+    message: str
+
+
+class SnapshotRootProvider:
+    """Provider for a nydus-snapshotter root (see stargzfs.fuse.provider.Provider)."""
+
+    def __init__(self, settings: MountSettings) -> None:
+        self.settings = settings
+        self.root = settings.root
+        db = settings.metadata_db
+        if not db.is_file():
+            raise UsageError(f"{self.root} is not a snapshotter root: {db.name} is missing")
+        self.snapshots = SnapshotSource(db)
+        self.snapshots.current()  # a broken metadata.db is a start-up error, not an EIO later
+        self.builder = detect_builder(settings.nydus_image)  # a bad --nydus-image fails the mount
+        self.fscache = settings.fs_driver == "fscache"
+        self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._cache_fd = -1 if self.fscache else self._open_cache_dir()
+        self._flights: dict[tuple[str, str], _Flight] = {}
+        self._failures: dict[tuple[str, str], _Failure] = {}
+        self._not_estargz: dict[str, str] = {}  # layer hex -> why
+        self._image_not_estargz: dict[str, str] = {}  # snapshot id -> why
+        self._builder_slots: trio.CapacityLimiter | None = None
+        self._client: RegistryClient | None = None
+        self.conversions = 0
+        self._remove_stale_temps()
+
+    # ----------------------------------------------------------------- start-up
+    def _open_cache_dir(self) -> int:
+        """The fusedev blob.meta dir; under ROOT it is reached without following symlinks."""
+        cache = self.settings.effective_cache_dir
+        try:
+            relative = cache.relative_to(self.root)
+        except ValueError:
+            relative = None
+        try:
+            if relative is not None and relative.parts:
+                return open_dir_beneath(self._root_fd, relative.parts, create=True)
+            cache.mkdir(parents=True, exist_ok=True)
+            return os.open(cache, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cache dir {cache} is not usable: {exc.strerror}") from None
+
+    def _remove_stale_temps(self) -> None:
+        """A daemon killed mid-conversion leaves temps; nothing may ever show or reuse them."""
+        try:
+            snapshots_fd = open_dir_beneath(self._root_fd, ["snapshots"])
+        except OSError:
+            return
+        try:
+            listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=snapshots_fd)
+            try:
+                ids = os.listdir(listing)
+            finally:
+                os.close(listing)
+            for snapshot_id in ids:
+                try:
+                    fs_fd = open_dir_beneath(snapshots_fd, [snapshot_id, "fs"])
+                except OSError:
+                    continue
+                try:
+                    for name in remove_temps(fs_fd):
+                        log.info("removed stale temp snapshots/%s/fs/%s", snapshot_id, name)
+                finally:
+                    os.close(fs_fd)
+        finally:
+            os.close(snapshots_fd)
+        if self._cache_fd >= 0:
+            for name in remove_temps(self._cache_fd):
+                log.info("removed stale temp %s/%s", self.settings.effective_cache_dir, name)
+
+    # ----------------------------------------------------------------- Provider interface
+    def _table(self) -> SnapshotTable:
+        try:
+            return self.snapshots.current()
+        except StargzfsError as exc:
+            log.error("reading %s: %s", self.settings.metadata_db, exc)
+            raise OSError(errno.EIO, str(exc)) from None
+
+    def top_dirs(self) -> Mapping[str, Path]:
+        table = self._table()
+        tops: dict[str, Path] = {}
+        for snapshot in table.all():
+            fs_dir = self.root / "snapshots" / snapshot.id / "fs"
+            try:
+                if stat.S_ISDIR(os.lstat(fs_dir).st_mode):
+                    tops[snapshot.id] = fs_dir
+            except OSError:
+                continue
+        return tops
+
+    def _candidate(self, top: str) -> Snapshot | None:
+        try:
+            snapshot = self._table().by_id(top)
+        except OSError:
+            return None
+        if snapshot is None or candidate_reason(snapshot) is not None:
+            return None
+        return snapshot
+
+    def virtual_names(self, top: str) -> Sequence[str]:
+        snapshot = self._candidate(top)
+        if snapshot is None or snapshot.layer_hex in self._not_estargz:
+            return ()
+        assert snapshot.layer_hex is not None
+        if top in self._image_not_estargz:
+            return (snapshot.layer_hex,)
+        return (snapshot.layer_hex, IMAGE_BOOT)
+
+    def is_hidden(self, top: str, name: str) -> bool:
+        return temp_name_patterns(name)
+
+    async def materialize(self, top: str, name: str) -> None:
+        snapshot = self._candidate(top)
+        if snapshot is None:
+            raise OSError(errno.ENOENT, f"{top} is not an eStargz candidate")
+        if name == snapshot.layer_hex:
+            await self._ensure_layer(snapshot)
+        elif name == IMAGE_BOOT:
+            await self._ensure_image(snapshot)
+        else:
+            raise OSError(errno.ENOENT, f"{top}/{name} is not produced by this mount")
+
+    # ----------------------------------------------------------------- machinery
+    def _slots(self) -> trio.CapacityLimiter:
+        if self._builder_slots is None:
+            self._builder_slots = trio.CapacityLimiter(self.settings.max_builders)
+        return self._builder_slots
+
+    async def _registry(self) -> RegistryClient:
+        if self._client is None:
+            client = RegistryClient(RegistryConfig(insecure_hosts=tuple(self.settings.insecure_registries)))
+            self._client = client
+            await client.__aenter__()
+        return self._client
+
+    async def _single_flight(self, key: tuple[str, str], work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` once per key at a time; concurrent callers share its outcome."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise OSError(flight.error.errno, flight.error.strerror)
+            return
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            await work()
+        except OSError as exc:
+            flight.error = exc
+            raise
+        except BaseException:
+            flight.error = OSError(errno.EIO, "conversion interrupted")
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    def _check_backoff(self, key: tuple[str, str]) -> None:
+        failure = self._failures.get(key)
+        if failure is not None and time.monotonic() < failure.retry_at:
+            raise OSError(errno.EIO, failure.message)
+
+    def _note_failure(self, key: tuple[str, str], message: str) -> None:
+        previous = self._failures.get(key)
+        attempts = previous.attempts + 1 if previous else 1
+        delay = min(self.settings.retry_backoff * 2 ** (attempts - 1), self.settings.retry_backoff_max)
+        self._failures[key] = _Failure(attempts, time.monotonic() + delay, message)
+        log.error("%s (retry in %.1fs)", message, delay)
+
+    async def _record(self, recorder: Callable[..., None], *args: object, **kwargs: object) -> None:
+        """state.json is a diagnostic aid: a failure to write it is logged, not fatal."""
+        try:
+            await trio.to_thread.run_sync(functools.partial(recorder, self.root, *args, **kwargs))
+        except (OSError, StargzfsError) as exc:
+            log.warning("cannot record state: %s", exc)
+
+    def _open_fs(self, snapshot_id: str) -> int:
+        return open_dir_beneath(self._root_fd, ["snapshots", snapshot_id, "fs"])
+
+    # ----------------------------------------------------------------- one layer
+    async def _ensure_layer(self, snapshot: Snapshot) -> None:
+        """`<hex>` in the snapshot's fs dir, or OSError ENOENT (not eStargz) / EIO (failed)."""
+        layer_hex = snapshot.layer_hex
+        assert layer_hex is not None
+        reason = self._not_estargz.get(layer_hex)
+        if reason is not None:
+            raise OSError(errno.ENOENT, reason)
+        key = ("layer", snapshot.id)
+        self._check_backoff(key)
+        await self._single_flight(key, lambda: self._convert(snapshot, key))
+
+    async def _convert(self, snapshot: Snapshot, key: tuple[str, str]) -> None:
+        layer_hex = snapshot.layer_hex
+        assert layer_hex is not None
+        try:
+            fs_fd = self._open_fs(snapshot.id)
+        except OSError as exc:
+            message = f"snapshot {snapshot.id}: fs dir is not usable: {exc.strerror}"
+            self._note_failure(key, message)
+            await self._record(state.record_layer, layer_hex, status="error", error=message, snapshot_id=snapshot.id)
+            raise OSError(errno.EIO, message) from None
+        started = time.monotonic()
+        try:
+            plan = ConversionPlan(snapshot, fs_fd, fs_fd if self.fscache else self._cache_fd)
+            created = await convert_layer(
+                plan, client=await self._registry(), builder=self.builder, builder_slots=self._slots()
+            )
+        except NotConvertible as exc:
+            reason = f"not eStargz: {exc}" if not str(exc).startswith("not eStargz") else str(exc)
+            self._not_estargz[layer_hex] = reason
+            log.info("snapshot %s layer %s: %s", snapshot.id, layer_hex[:12], reason)
+            await self._record(state.record_layer, layer_hex, status="not-estargz", error=reason,
+                               snapshot_id=snapshot.id)
+            raise OSError(errno.ENOENT, reason) from None
+        except (ConversionError, StargzfsError, OSError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            message = f"snapshot {snapshot.id} layer sha256:{layer_hex}: {detail}"
+            self._note_failure(key, message)
+            await self._record(state.record_layer, layer_hex, status="error", error=message, snapshot_id=snapshot.id)
+            raise OSError(errno.EIO, message) from None
+        finally:
+            os.close(fs_fd)
+        self._failures.pop(key, None)
+        if created:
+            self.conversions += 1
+            log.info("snapshot %s: converted layer %s in %.2fs", snapshot.id, layer_hex[:12],
+                     time.monotonic() - started)
+            await self._record(state.record_layer, layer_hex, status="converted", snapshot_id=snapshot.id)
+
+    # ----------------------------------------------------------------- image.boot
+    async def _ensure_image(self, snapshot: Snapshot) -> None:
+        reason = self._image_not_estargz.get(snapshot.id)
+        if reason is not None:
+            raise OSError(errno.ENOENT, reason)
+        key = ("image", snapshot.id)
+        self._check_backoff(key)
+        await self._single_flight(key, lambda: self._compose(snapshot, key))
+
+    async def _image_not_eStargz(self, snapshot: Snapshot, reason: str) -> OSError:
+        self._image_not_estargz[snapshot.id] = reason
+        log.info("snapshot %s: no image.boot: %s", snapshot.id, reason)
+        await self._record(state.record_image, snapshot.id, status="not-estargz", error=reason)
+        return OSError(errno.ENOENT, reason)
+
+    async def _compose(self, snapshot: Snapshot, key: tuple[str, str]) -> None:
+        table = self._table()
+        try:
+            chain = table.chain(snapshot.id)
+        except KeyError:
+            raise OSError(errno.ENOENT, f"snapshot {snapshot.id} is gone") from None
+        for layer in chain:
+            why = candidate_reason(layer)
+            if why is None and layer.layer_hex in self._not_estargz:
+                why = self._not_estargz[layer.layer_hex]
+            if why is not None:
+                raise await self._image_not_eStargz(snapshot, f"layer snapshot {layer.id}: {why}")
+
+        outcomes: dict[str, OSError] = {}
+
+        async def build(layer: Snapshot) -> None:
+            try:
+                await self._ensure_layer(layer)
+            except OSError as exc:
+                outcomes[layer.id] = exc
+
+        async with trio.open_nursery() as nursery:
+            for layer in chain:
+                nursery.start_soon(build, layer)
+        for layer in chain:
+            problem = outcomes.get(layer.id)
+            if problem is not None and problem.errno == errno.ENOENT:
+                raise await self._image_not_eStargz(snapshot, f"layer snapshot {layer.id}: {problem.strerror}")
+        for layer in chain:
+            problem = outcomes.get(layer.id)
+            if problem is not None:
+                message = f"image.boot of snapshot {snapshot.id}: layer snapshot {layer.id} failed: {problem.strerror}"
+                await self._record(state.record_image, snapshot.id, status="error", error=message)
+                raise OSError(errno.EIO, message)
+
+        fds: dict[str, int] = {}
+        try:
+            try:
+                for layer in chain:
+                    fds[layer.id] = self._open_fs(layer.id)
+                top_fd = fds[snapshot.id] if snapshot.id in fds else self._open_fs(snapshot.id)
+                fds.setdefault(snapshot.id, top_fd)
+                layers = [ChainLayer(layer.id, layer.layer_hex or "", fds[layer.id]) for layer in chain]
+                created = await compose_image(
+                    top_fd, layers, builder=self.builder, builder_slots=self._slots(), fscache=self.fscache
+                )
+            except (ConversionError, StargzfsError, OSError) as exc:
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                message = f"image.boot of snapshot {snapshot.id}: {detail}"
+                self._note_failure(key, message)
+                await self._record(state.record_image, snapshot.id, status="error", error=message)
+                raise OSError(errno.EIO, message) from None
+        finally:
+            for fd in set(fds.values()):
+                os.close(fd)
+        self._failures.pop(key, None)
+        if created:
+            log.info("snapshot %s: image.boot from %d layer(s)", snapshot.id, len(chain))
+            await self._record(state.record_image, snapshot.id, status="merged")

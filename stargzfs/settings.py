@@ -1,0 +1,187 @@
+"""Settings of `stargzfs mount`: defaults <- TOML config file (`--config`) <- command line.
+
+The config file is a nydus-snapshotter `config.toml`; where the snapshotter has a key for
+a setting, stargzfs reads that key, so the snapshotter's own file can be passed as it is
+(keys stargzfs does not use are ignored). Settings the snapshotter has no key for live in
+a `[stargzfs]` table, whose keys are checked strictly.
+
+| setting              | TOML key                         | CLI                     | default                  |
+|----------------------|----------------------------------|-------------------------|--------------------------|
+| root                 | `root`                           | ROOT (positional)       | (required)               |
+| cache_dir            | `[cache_manager] cache_dir`      | `--cache-dir`           | ROOT/cache               |
+| fs_driver            | `[daemon] fs_driver`             | `--fs-driver`           | `fusedev`                |
+| nydus_image          | `[daemon] nydusimage_path`       | `--nydus-image`         | none -> `stargzfs-image` |
+| log_level            | `[log] level`                    | `--log-level`           | `info`                   |
+| mountpoint           | `[stargzfs] mountpoint`          | MOUNTPOINT (positional) | (required)               |
+| foreground           | `[stargzfs] foreground`          | `-f/--foreground`       | false                    |
+| rw                   | `[stargzfs] rw`                  | `--rw`                  | false                    |
+| log_file             | `[stargzfs] log_file`            | `--log-file`            | none (stderr)            |
+| insecure_registries  | `[stargzfs] insecure_registries` | `--insecure-registry`   | []                       |
+| fuse_options         | `[stargzfs] fuse_options`        | `-o OPT[,OPT]`          | []                       |
+| max_builders         | `[stargzfs] max_builders`        | -                       | CPU count                |
+| entry_timeout        | `[stargzfs] entry_timeout`       | -                       | 1.0 s                    |
+| attr_timeout         | `[stargzfs] attr_timeout`        | -                       | 1.0 s                    |
+| retry_backoff        | `[stargzfs] retry_backoff`       | -                       | 5.0 s (first retry wait) |
+| retry_backoff_max    | `[stargzfs] retry_backoff_max`   | -                       | 300.0 s                  |
+
+An empty string for a snapshotter key means "unset" there, and so it does here.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from stargzfs.errors import UsageError
+
+FS_DRIVERS = ("fusedev", "fscache")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class MountSettings:
+    """Everything the mount daemon and the lazy pipeline need to know."""
+
+    root: Path
+    mountpoint: Path
+    foreground: bool = False
+    rw: bool = False
+    fs_driver: str = "fusedev"
+    cache_dir: Path | None = None  # None -> ROOT/cache (see `effective_cache_dir`)
+    nydus_image: Path | None = None  # None -> the bundled stargzfs-image
+    insecure_registries: tuple[str, ...] = ()
+    log_level: str = "info"
+    log_file: Path | None = None
+    fuse_options: tuple[str, ...] = ()
+    max_builders: int = field(default_factory=lambda: os.cpu_count() or 1)
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+    retry_backoff: float = 5.0
+    retry_backoff_max: float = 300.0
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.root / "cache"
+
+    @property
+    def metadata_db(self) -> Path:
+        return self.root / "metadata.db"
+
+    def validated(self) -> "MountSettings":
+        """Check value ranges; raise UsageError naming the first bad setting."""
+        if self.fs_driver not in FS_DRIVERS:
+            raise UsageError(f"fs_driver must be one of {', '.join(FS_DRIVERS)}, not {self.fs_driver!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise UsageError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.max_builders < 1:
+            raise UsageError(f"max_builders must be >= 1, not {self.max_builders}")
+        for name in ("entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, not {getattr(self, name)}")
+        return self
+
+
+# TOML (table, key) -> MountSettings field, for keys nydus-snapshotter also has.
+_SNAPSHOTTER_KEYS: dict[tuple[str, ...], str] = {
+    ("root",): "root",
+    ("cache_manager", "cache_dir"): "cache_dir",
+    ("daemon", "fs_driver"): "fs_driver",
+    ("daemon", "nydusimage_path"): "nydus_image",
+    ("log", "level"): "log_level",
+}
+_STARGZFS_KEYS = (
+    "mountpoint", "foreground", "rw", "log_file", "insecure_registries", "fuse_options",
+    "max_builders", "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max",
+)
+_PATH_FIELDS = {"root", "mountpoint", "cache_dir", "nydus_image", "log_file"}
+_BOOL_FIELDS = {"foreground", "rw"}
+_LIST_FIELDS = {"insecure_registries", "fuse_options"}
+_INT_FIELDS = {"max_builders"}
+_FLOAT_FIELDS = {"entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max"}
+
+
+def _convert(key: str, name: str, value: Any) -> Any:
+    """Type-check one config value; `key` is how the user wrote it, for the error."""
+    if name in _PATH_FIELDS or name in ("fs_driver", "log_level"):
+        if not isinstance(value, str):
+            raise UsageError(f"config key {key} must be a string")
+        if value == "":
+            return None
+        return Path(value) if name in _PATH_FIELDS else value.lower()
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise UsageError(f"config key {key} must be true or false")
+        return value
+    if name in _LIST_FIELDS:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"config key {key} must be a list of strings")
+        return tuple(value)
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"config key {key} must be an integer")
+        return value
+    if name in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"config key {key} must be a number")
+        return float(value)
+    raise AssertionError(name)  # pragma: no cover
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a TOML config into {MountSettings field: value}; unset keys are left out."""
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for keys, name in _SNAPSHOTTER_KEYS.items():
+        node: Any = document
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            converted = _convert(".".join(keys), name, node)
+            if converted is not None:
+                values[name] = converted
+    own = document.get("stargzfs", {})
+    if not isinstance(own, dict):
+        raise UsageError("config key stargzfs must be a table")
+    for key, value in own.items():
+        if key not in _STARGZFS_KEYS:
+            raise UsageError(f"unknown config key stargzfs.{key}")
+        converted = _convert(f"stargzfs.{key}", key, value)
+        if converted is not None:
+            values[key] = converted
+    return values
+
+
+def build_settings(cli: dict[str, Any], config: Path | None = None) -> MountSettings:
+    """Merge defaults, the config file and CLI values (None = not given on the CLI)."""
+    merged: dict[str, Any] = load_config(config) if config is not None else {}
+    for name, value in cli.items():
+        if value is None or (name in _LIST_FIELDS and not value) or (name in _BOOL_FIELDS and value is False):
+            continue
+        merged[name] = tuple(value) if name in _LIST_FIELDS else value
+    for name in ("root", "mountpoint"):
+        if name not in merged:
+            raise UsageError(f"no {name.upper()} given (command line or config file)")
+    known = {f.name for f in fields(MountSettings)}
+    unknown = set(merged) - known
+    if unknown:
+        raise AssertionError(f"not settings: {sorted(unknown)}")  # programming error
+    for name in _PATH_FIELDS:
+        value = merged.get(name)
+        if value is None or (name == "nydus_image" and "/" not in str(value)):
+            continue  # a bare builder name is looked up on PATH when it runs
+        merged[name] = Path(os.path.abspath(Path(value).expanduser()))
+    return MountSettings(**merged).validated()
+
+
+__all__ = ["MountSettings", "load_config", "build_settings", "FS_DRIVERS", "LOG_LEVELS"]

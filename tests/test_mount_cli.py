@@ -1,0 +1,253 @@
+"""`stargzfs mount` / `stargzfs umount` end to end, on a metadata.db written by containerd's code."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.fusemount import is_mounted
+from support.gohelper import Snapdb, image_chain_ops
+from support.paths import VENV_BIN
+
+STARGZFS = [sys.executable, "-m", "stargzfs.cli"]
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STARGZFS, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _daemon_pid(stderr: str) -> int:
+    match = re.search(r"daemon pid (\d+)", stderr)
+    assert match, stderr
+    return int(match.group(1))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def snapshot_root(snapdb: Snapdb, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A snapshotter root: 3 committed layers in metadata.db, each with an fs dir."""
+    root = tmp_path_factory.mktemp("cli") / "root"
+    root.mkdir()
+    snapdb.apply(root / "metadata.db", [list(image_chain_ops("registry.local/demo:v1", 3))])
+    for entry in snapdb.list(root / "metadata.db"):
+        fs = root / "snapshots" / entry["id"] / "fs"
+        fs.mkdir(parents=True)
+        (fs / "layer-id").write_text(entry["id"])
+    return root
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[tuple[Path, int]]]:
+    """(mountpoint, pid) of every background daemon a test starts; all torn down."""
+    started: list[tuple[Path, int]] = []
+    yield started
+    for mountpoint, pid in started:
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+        if not _wait_gone(pid, 15) and _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _mount(root: Path, mountpoint: Path, daemons: list, *extra: str) -> int:
+    mountpoint.mkdir(exist_ok=True)
+    result = _cli("mount", str(root), str(mountpoint), *extra)
+    assert result.returncode == 0, result.stderr
+    pid = _daemon_pid(result.stderr)
+    daemons.append((mountpoint, pid))
+    return pid
+
+
+def test_background_mount_is_ready_on_return_and_umount_stops_it(
+    snapshot_root: Path, tmp_path: Path, daemons: list
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    pid = _mount(snapshot_root, mountpoint, daemons)
+    # No polling: the command returned only after the mount was live.
+    assert is_mounted(mountpoint)
+    ids = sorted(os.listdir(snapshot_root / "snapshots"))
+    assert sorted(os.listdir(mountpoint)) == ids
+    for snapshot_id in ids:
+        assert (mountpoint / snapshot_id / "layer-id").read_text() == snapshot_id
+    result = _cli("umount", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(mountpoint)
+    assert _wait_gone(pid)
+
+
+def test_fusermount_unmount_stops_daemon(snapshot_root: Path, tmp_path: Path, daemons: list) -> None:
+    mountpoint = tmp_path / "mnt"
+    pid = _mount(snapshot_root, mountpoint, daemons)
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+    assert _wait_gone(pid)
+    assert not is_mounted(mountpoint)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_and_exits(snapshot_root: Path, tmp_path: Path, daemons: list, signum: int) -> None:
+    mountpoint = tmp_path / "mnt"
+    pid = _mount(snapshot_root, mountpoint, daemons)
+    os.kill(pid, signum)
+    assert _wait_gone(pid)
+    assert not is_mounted(mountpoint)
+
+
+def test_foreground_serves_until_sigterm(snapshot_root: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log = tmp_path / "daemon.log"
+    process = subprocess.Popen([*STARGZFS, "mount", "-f", "--log-file", str(log), "--log-level", "debug",
+                                str(snapshot_root), str(mountpoint)])
+    try:
+        while not is_mounted(mountpoint):
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert len(os.listdir(mountpoint)) == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert not is_mounted(mountpoint)
+        assert "unmounted" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)])
+
+
+def test_snapshots_added_and_removed_show_without_remount(
+    snapdb: Snapdb, tmp_path: Path, daemons: list
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    db = root / "metadata.db"
+    snapdb.apply(db, [list(image_chain_ops("registry.local/a:v1", 1))])
+    first = snapdb.list(db)[0]
+    (root / "snapshots" / first["id"] / "fs").mkdir(parents=True)
+    mountpoint = tmp_path / "mnt"
+    _mount(root, mountpoint, daemons)
+    assert os.listdir(mountpoint) == [first["id"]]
+    snapdb.apply(db, [list(image_chain_ops("registry.local/b:v1", 2))])
+    added = [e["id"] for e in snapdb.list(db) if e["id"] != first["id"]]
+    for snapshot_id in added:
+        (root / "snapshots" / snapshot_id / "fs").mkdir(parents=True)
+    assert sorted(os.listdir(mountpoint)) == sorted([first["id"], *added])
+    snapdb.apply(db, [[{"op": "remove", "key": first["name"]}]])
+    assert sorted(os.listdir(mountpoint)) == sorted(added)
+    # A snapshot without an fs dir (not yet prepared) is not shown.
+    snapdb.apply(db, [list(image_chain_ops("registry.local/c:v1", 1))])
+    assert sorted(os.listdir(mountpoint)) == sorted(added)
+
+
+def test_config_file_supplies_root_and_cli_overrides(snapshot_root: Path, tmp_path: Path, daemons: list) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'version = 1\nroot = "{snapshot_root}"\naddress = "/run/x.sock"\n'
+        '[daemon]\nfs_driver = "fscache"\nnydusimage_path = ""\n'
+        '[cache_manager]\ncache_dir = ""\n[experimental]\nenable_stargz = true\n'
+        '[stargzfs]\nrw = false\n'
+    )
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = _cli("mount", "--config", str(config), "--fs-driver", "fusedev", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    daemons.append((mountpoint, _daemon_pid(result.stderr)))
+    assert len(os.listdir(mountpoint)) == 3
+    assert _cli("umount", str(mountpoint)).returncode == 0
+
+
+def _setup_bad(tmp_path: Path, snapshot_root: Path, case: str) -> tuple[list[str], str]:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    if case == "missing root":
+        return ["mount", str(tmp_path / "nope"), str(mountpoint)], "does not exist"
+    if case == "root is a file":
+        (tmp_path / "file").write_text("x")
+        return ["mount", str(tmp_path / "file"), str(mountpoint)], "not a directory"
+    if case == "no metadata.db":
+        (tmp_path / "empty-root").mkdir()
+        return ["mount", str(tmp_path / "empty-root"), str(mountpoint)], "metadata.db is missing"
+    if case == "corrupt metadata.db":
+        (tmp_path / "bad-root").mkdir()
+        (tmp_path / "bad-root" / "metadata.db").write_bytes(b"\0" * 8192)
+        return ["mount", str(tmp_path / "bad-root"), str(mountpoint)], "metadata.db"
+    if case == "mountpoint missing":
+        return ["mount", str(snapshot_root), str(tmp_path / "absent")], "does not exist"
+    if case == "mountpoint is a file":
+        (tmp_path / "mfile").write_text("x")
+        return ["mount", str(snapshot_root), str(tmp_path / "mfile")], "not a directory"
+    if case == "mountpoint not empty":
+        (mountpoint / "stuff").write_text("x")
+        return ["mount", str(snapshot_root), str(mountpoint)], "not empty"
+    if case == "bad config key":
+        (tmp_path / "c.toml").write_text("[stargzfs]\nfrobnicate = 1\n")
+        return ["mount", "--config", str(tmp_path / "c.toml"), str(snapshot_root), str(mountpoint)], "stargzfs.frobnicate"
+    if case == "bad config type":
+        (tmp_path / "c.toml").write_text("[daemon]\nfs_driver = 3\n")
+        return ["mount", "--config", str(tmp_path / "c.toml"), str(snapshot_root), str(mountpoint)], "daemon.fs_driver"
+    if case == "bad fs driver in config":
+        (tmp_path / "c.toml").write_text('[daemon]\nfs_driver = "virtiofs"\n')
+        return ["mount", "--config", str(tmp_path / "c.toml"), str(snapshot_root), str(mountpoint)], "fs_driver"
+    if case == "no root anywhere":
+        return ["mount", str(mountpoint)], "no ROOT"
+    if case == "umount of a plain dir":
+        return ["umount", str(mountpoint)], "not mounted"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing root", "root is a file", "no metadata.db", "corrupt metadata.db", "mountpoint missing",
+        "mountpoint is a file", "mountpoint not empty", "bad config key", "bad config type",
+        "bad fs driver in config", "no root anywhere", "umount of a plain dir",
+    ],
+)
+def test_bad_arguments_fail_cleanly(snapshot_root: Path, tmp_path: Path, case: str) -> None:
+    argv, reason = _setup_bad(tmp_path, snapshot_root, case)
+    result = _cli(*argv)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def test_second_mount_on_same_mountpoint_is_refused(snapshot_root: Path, tmp_path: Path, daemons: list) -> None:
+    mountpoint = tmp_path / "mnt"
+    _mount(snapshot_root, mountpoint, daemons)
+    again = _cli("mount", str(snapshot_root), str(mountpoint))
+    assert again.returncode != 0 and "already a stargzfs mount" in again.stderr
+    assert _cli("umount", str(mountpoint)).returncode == 0
+
+
+def test_console_scripts_are_installed() -> None:
+    assert (VENV_BIN / "stargzfs").exists()
+    result = subprocess.run([str(VENV_BIN / "stargzfs"), "umount", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "MOUNTPOINT" in result.stdout
