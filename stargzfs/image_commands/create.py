@@ -1,14 +1,109 @@
-"""`stargzfs-image create` (placeholder until its issue lands)."""
+"""`stargzfs-image create`: nydus-image v2.1's stargz_index conversion (rafs-v6 §1).
+
+Accepts exactly the seed's argument list, flags in any order:
+`create --source-type stargz_index --bootstrap OUT --blob-id HEX --repeatable --disable-check
+--fs-version 6 --chunk-size 0x400000 --blob-meta META TOC`, plus `--compressor gzip|zstd`.
+Outputs appear complete or not at all (temp file in the same directory, fsync, rename).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+from stargzfs.errors import StargzfsError, UsageError
+from stargzfs.estargz.toc import parse_toc
+from stargzfs.rafs.build import COMPRESSORS, build_bootstrap
+from stargzfs.rafs.check import check_bootstrap
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    parser = sub.add_parser("create", help="not implemented yet")
+    parser = sub.add_parser("create", help="build a RAFS v6 bootstrap (+ blob.meta) from an eStargz TOC")
+    parser.add_argument("--source-type", help="must be stargz_index")
+    parser.add_argument("--bootstrap", required=True, help="output bootstrap file")
+    parser.add_argument("--blob-id", required=True, help="layer digest hex (64 chars)")
+    parser.add_argument("--repeatable", action="store_true", help="uid/gid 0, no explicit-uid/gid flag (v2.1)")
+    parser.add_argument("--disable-check", action="store_true", help="skip validating the result")
+    parser.add_argument("--fs-version", default="6", help="only 6 is supported")
+    parser.add_argument("--chunk-size", default="0x400000", help="hex, power of two, 0x1000..0x1000000")
+    parser.add_argument("--blob-meta", help="write the v2.1 blob.meta here (only when the layer has data)")
+    parser.add_argument("--compressor", default="gzip", choices=COMPRESSORS,
+                        help="layer compression (stargzfs extension; zstd for zstd:chunked eStargz)")
+    parser.add_argument("source", help="the TOC JSON (stargz.index.json)")
     parser.set_defaults(func=run)
 
 
+def parse_chunk_size(text: str) -> int:
+    """v2.1 parses hex with or without the 0x prefix."""
+    digits = text[2:] if text.lower().startswith("0x") else text
+    try:
+        return int(digits, 16)
+    except ValueError:
+        raise UsageError(f"--chunk-size {text!r} is not a hexadecimal number") from None
+
+
+def write_files_atomically(outputs: Sequence[tuple[Path, bytes]]) -> None:
+    """Write all temps first, then rename: a failure leaves neither partial nor stale temps."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for target, data in outputs:
+            temp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as exc:
+                raise UsageError(f"cannot write {target}: {exc.strerror}") from None
+            temps.append((temp, target))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for temp, target in temps:
+            try:
+                os.replace(temp, target)
+            except OSError as exc:
+                raise UsageError(f"cannot write {target}: {exc.strerror}") from None
+        for directory in {target.parent for _, target in temps}:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        for temp, _ in temps:
+            if temp.exists():
+                temp.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("stargzfs-image create: not implemented yet")
+    if args.source_type != "stargz_index":
+        raise UsageError(f"--source-type {args.source_type!r} is not supported (only stargz_index)")
+    if args.fs_version != "6":
+        raise UsageError(f"--fs-version {args.fs_version!r} is not supported (only RAFS v6)")
+    chunk_size = parse_chunk_size(args.chunk_size)
+    source = Path(args.source)
+    if not source.is_file():
+        raise UsageError(f"TOC {str(source)!r} is not a regular file")
+    try:
+        raw = source.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read TOC {str(source)!r}: {exc.strerror}") from None
+    result = build_bootstrap(
+        parse_toc(raw),
+        blob_id=args.blob_id,
+        chunk_size=chunk_size,
+        repeatable=args.repeatable,
+        compressor=args.compressor,
+    )
+    if not args.disable_check:
+        report = check_bootstrap(result.bootstrap, {0: result.blob_meta} if result.blob_meta else {})
+        if not report.ok:
+            raise StargzfsError(f"built bootstrap failed its check: {report.errors[0]}")
+    outputs = []
+    if args.blob_meta and result.blob_meta is not None:
+        outputs.append((Path(args.blob_meta), result.blob_meta))
+    outputs.append((Path(args.bootstrap), result.bootstrap))
+    write_files_atomically(outputs)
+    return 0

@@ -1,0 +1,231 @@
+"""Where every inode and data block goes: the nydus-image v2.1 allocator (rafs-v6 §2.8).
+
+Offsets here are relative to `meta_addr` (the writer adds it): the root inode lands at
+4096, i.e. nid 128, exactly as v2.1 does. The pass is separate from byte emission because a
+directory's dirents need the nids of child directories that are placed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from stargzfs.errors import UnsupportedError
+from stargzfs.rafs.ondisk import (
+    BLOCK_SIZE,
+    DIRENT,
+    INODE_EXTENDED,
+    XATTR_IBODY_HEADER,
+    split_xattr_name,
+    xattr_entry_size,
+)
+from stargzfs.rafs.tree import Node
+
+DIR, SYMLINK, FILE = 0, 1, 2  # placement kinds: dirent data, symlink data, chunk indexes/none
+MAX_XATTR_SIZE = 0xFFFF * 4  # i_xattr_icount is a u16
+
+
+def _round_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def xattr_body_size(xattrs: list[tuple[bytes, bytes]]) -> int:
+    if not xattrs:
+        return 0
+    size = XATTR_IBODY_HEADER.size
+    for name, value in xattrs:
+        split = split_xattr_name(name)
+        if split is None:
+            raise UnsupportedError(f"xattr name {name!r} is outside user./trusted./security./system.posix_acl_*")
+        size += xattr_entry_size(len(split[1]), len(value))
+    if size > MAX_XATTR_SIZE:
+        raise UnsupportedError(f"xattrs of {size} bytes exceed the inline limit of {MAX_XATTR_SIZE}")
+    return size
+
+
+def dirent_size(names: list[bytes]) -> int:
+    """Bytes of dirent data for sorted names: entries never straddle a 4 KiB block."""
+    size = 0
+    for name in names:
+        cost = DIRENT.size + len(name)
+        if size % BLOCK_SIZE + cost > BLOCK_SIZE:
+            size = _round_up(size, BLOCK_SIZE)
+        size += cost
+    return size
+
+
+@dataclass(slots=True)
+class Placement:
+    """One inode's place: `addr` (meta-relative, 32-aligned), `data_addr` = start of full
+    dirent/symlink blocks, `inline` = tail stored after the inode."""
+
+    node: Node
+    kind: int
+    addr: int
+    ino: int
+    xattr_size: int
+    data_size: int = 0  # d_size for dirs, target length for symlinks
+    data_addr: int = 0
+    inline: bool = False
+    entries: list[tuple[bytes, Node]] | None = None  # sorted dirents incl. "." and ".."
+    parent: Node | None = None
+
+
+@dataclass
+class Layout:
+    placements: list[Placement]
+    addr_of: dict[int, int]  # id(node) → inode addr (hardlinks share)
+    nlink_of_group: dict[int, int]  # id(LinkGroup) → number of paths
+    end: int  # first unused meta-relative byte
+    inode_count: int  # number of paths (every tree node)
+
+
+class _Allocator:
+    """Bump pointer plus 128 FIFO lists of blocks with free tails (list k: ≥ 32·k bytes)."""
+
+    def __init__(self) -> None:
+        self.offset = BLOCK_SIZE
+        self.free: list[deque[int]] = [deque() for _ in range(128)]
+        self.mask = 0  # bit k set ⇔ free[k] non-empty
+
+    def remember(self, off: int) -> None:
+        rem = off % BLOCK_SIZE
+        if rem:
+            k = (BLOCK_SIZE - rem) // 32
+            self.free[k].append(off - rem)
+            self.mask |= 1 << k
+
+    def take(self, size: int) -> int | None:
+        if size >= BLOCK_SIZE:
+            return None
+        k0 = (size + 31) // 32
+        rest = self.mask >> k0
+        if not rest:
+            return None
+        k = k0 + (rest & -rest).bit_length() - 1
+        queue = self.free[k]
+        block = queue.popleft()
+        if not queue:
+            self.mask &= ~(1 << k)
+        addr = block + BLOCK_SIZE - 32 * k
+        self.remember(addr + 32 * k0)
+        return addr
+
+    def align(self, n: int) -> None:
+        self.offset = _round_up(self.offset, n)
+
+    def place_with_tail(self, inode_size: int, data_size: int) -> tuple[int, int, bool]:
+        """Directory/symlink rule (§2.8 step 2) → (inode addr, data_addr, inline)."""
+        tail = data_size % BLOCK_SIZE
+        if tail and inode_size + tail <= BLOCK_SIZE:
+            need = inode_size + tail
+            addr = self.take(need)
+            if addr is None:
+                if BLOCK_SIZE - self.offset % BLOCK_SIZE < need:
+                    self.remember(self.offset)
+                    self.align(BLOCK_SIZE)
+                addr = self.offset
+                self.offset += need
+            if data_size > tail:
+                self.remember(self.offset)
+                self.align(BLOCK_SIZE)
+            data_addr = self.offset
+            self.offset += data_size - tail
+            return addr, data_addr, True
+        addr = self.take(inode_size)
+        if addr is None:
+            addr = self.offset
+            self.offset += inode_size
+        self.remember(self.offset)
+        self.align(BLOCK_SIZE)
+        data_addr = self.offset
+        self.offset += data_size
+        self.align(BLOCK_SIZE)
+        return addr, data_addr, False
+
+    def place_file(self, inode_size: int, chunk_count: int) -> int:
+        addr = self.take(_round_up(inode_size, 8) + 8 * chunk_count)
+        if addr is None:
+            addr = self.offset
+            self.offset += inode_size
+            self.align(8)
+            self.offset += 8 * chunk_count
+        return addr
+
+
+def compute_layout(root: Node, *, chunk_size: int, root_ino: int = 1) -> Layout:
+    alloc = _Allocator()
+    placements: list[Placement] = []
+    addr_of: dict[int, int] = {}
+    group_first: dict[int, tuple[int, int]] = {}  # id(group) → (ino, addr)
+    nlink_of_group: dict[int, int] = {}
+    ino_of: dict[int, int] = {id(root): root_ino}
+    next_ino = 1 if root_ino != 1 else 2
+    inode_count = 1
+    stack: list[tuple[Node, Node]] = [(root, root)]
+    while stack:
+        directory, parent = stack.pop()
+        children = directory.children or {}
+        names = sorted(children)
+        entries = [(b".", directory), (b"..", parent)] + [(name, children[name]) for name in names]
+        if names and names[0] < b"..":
+            entries.sort(key=lambda item: item[0])
+        d_size = dirent_size([name for name, _ in entries])
+        xsize = xattr_body_size(directory.xattrs)
+        addr, data_addr, inline = alloc.place_with_tail(INODE_EXTENDED.size + xsize, d_size)
+        placements.append(
+            Placement(directory, DIR, addr, ino_of[id(directory)], xsize, d_size, data_addr, inline, entries, parent)
+        )
+        addr_of[id(directory)] = addr
+        alloc.align(32)
+        subdirs: list[Node] = []
+        for name in names:
+            child = children[name]
+            inode_count += 1
+            group = child.link if child.children is None else None
+            if group is not None:
+                nlink_of_group[id(group)] = nlink_of_group.get(id(group), 0) + 1
+                first = group_first.get(id(group))
+                if first is not None:
+                    ino_of[id(child)], addr_of[id(child)] = first
+                    continue
+            if next_ino == root_ino:
+                next_ino += 1
+            ino = next_ino
+            next_ino += 1
+            ino_of[id(child)] = ino
+            if child.children is not None:
+                subdirs.append(child)
+                continue
+            xsize = xattr_body_size(child.xattrs) if child.xattrs else 0
+            if child.symlink is None and not xsize and not child.chunks and not alloc.mask:
+                # hot path (empty files, devices): bump-allocate one 64-byte inode, 32-aligned
+                caddr = alloc.offset
+                alloc.offset = caddr + INODE_EXTENDED.size
+                if child.is_reg and child.size:
+                    raise UnsupportedError(f"{name!r}: {child.size} bytes but no chunks")
+                placements.append(Placement(child, FILE, caddr, ino, 0))
+                addr_of[id(child)] = caddr
+                if group is not None:
+                    group_first[id(group)] = (ino, caddr)
+                continue
+            if child.symlink is not None:
+                target_len = len(child.symlink)
+                caddr, cdata, cinline = alloc.place_with_tail(INODE_EXTENDED.size + xsize, target_len)
+                placement = Placement(child, SYMLINK, caddr, ino, xsize, target_len, cdata, cinline)
+            else:
+                count = len(child.chunks)
+                if child.is_reg and count != -(-child.size // chunk_size):
+                    raise UnsupportedError(
+                        f"{name!r}: {count} chunks for {child.size} bytes, need ceil(size/{chunk_size:#x})"
+                    )
+                caddr = alloc.place_file(INODE_EXTENDED.size + xsize, count)
+                placement = Placement(child, FILE, caddr, ino, xsize)
+            placements.append(placement)
+            addr_of[id(child)] = placement.addr
+            if group is not None:
+                group_first[id(group)] = (ino, placement.addr)
+            alloc.align(32)
+        for sub in reversed(subdirs):
+            stack.append((sub, directory))
+    return Layout(placements, addr_of, nlink_of_group, alloc.offset, inode_count)

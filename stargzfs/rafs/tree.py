@@ -1,0 +1,154 @@
+"""The in-memory filesystem tree every RAFS tool shares: built from a TOC, read from a
+bootstrap, edited by merge, laid out by the writer.
+
+Kept deliberately small (slots, tuples, shared lists) so a million-entry layer fits in a
+few hundred MiB. Hardlinks are separate `Node`s (one per path) that share one `LinkGroup`
+object and the same attribute values, xattr list and chunk list; the writer emits one
+inode per group.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class LinkGroup:
+    """Identity token: nodes holding the same LinkGroup object are one inode (hardlinks)."""
+
+    __slots__ = ()
+
+
+class ChunkRef(NamedTuple):
+    """One chunk of a regular file, as both the chunk index and the chunk table see it."""
+
+    blob_index: int
+    chunk_index: int
+    uncompressed_offset: int
+    uncompressed_size: int
+    compressed_offset: int
+    compressed_size: int
+    file_offset: int
+    block_id: bytes  # 32 bytes; with blob_index the chunk table's unique key
+
+
+class Node:
+    """One path. `children` is a name→Node dict for directories and None otherwise."""
+
+    __slots__ = (
+        "name", "mode", "uid", "gid", "mtime", "mtime_nsec", "size", "rdev", "symlink",
+        "xattrs", "chunks", "children", "link", "nid",
+    )
+
+    def __init__(
+        self,
+        name: bytes,
+        mode: int,
+        *,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: int = 0,
+        mtime_nsec: int = 0,
+        size: int = 0,
+        rdev: int = 0,
+        symlink: bytes | None = None,
+        xattrs: list[tuple[bytes, bytes]] | None = None,
+        chunks: list[ChunkRef] | None = None,
+        link: LinkGroup | None = None,
+    ) -> None:
+        self.name = name
+        self.mode = mode  # full st_mode: type bits | permission bits
+        self.uid = uid
+        self.gid = gid
+        self.mtime = mtime
+        self.mtime_nsec = mtime_nsec
+        self.size = size
+        self.rdev = rdev  # Linux new_encode_dev form (char/block only)
+        self.symlink = symlink
+        self.xattrs: list[tuple[bytes, bytes]] = xattrs if xattrs is not None else []  # sorted by name
+        self.chunks: list[ChunkRef] = chunks if chunks is not None else []  # file order
+        self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
+        self.link = link
+        self.nid = 0  # set by the reader (source nid); informational only
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    def copy_attributes_from(self, other: Node) -> None:
+        """Make this path another name of `other`'s inode (shares lists, not copies)."""
+        self.mode, self.uid, self.gid = other.mode, other.uid, other.gid
+        self.mtime, self.mtime_nsec, self.size, self.rdev = other.mtime, other.mtime_nsec, other.size, other.rdev
+        self.symlink, self.xattrs, self.chunks = other.symlink, other.xattrs, other.chunks
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, mode={self.mode:#o}, size={self.size})"
+
+
+@dataclass
+class BlobInfo:
+    """One blob-table entry (rafs-v6 §2.5) plus the blob.meta header fields it copies."""
+
+    blob_id: str
+    chunk_count: int
+    chunk_size: int
+    compressed_size: int = 0
+    uncompressed_size: int = 0
+    compressor: str = "gzip"
+    digester: str = "sha256"
+    meta_features: int = 1
+    ci_compressor: int = 0
+    ci_offset: int = 0
+    ci_compressed_size: int = 0
+    ci_uncompressed_size: int = 0
+
+
+@dataclass
+class RafsImage:
+    """A whole bootstrap: tree + blob table + the superblock flags that are not derived."""
+
+    root: Node
+    blobs: list[BlobInfo] = field(default_factory=list)
+    chunk_size: int = 0x400000
+    compressor: str = "gzip"
+    digester: str = "sha256"
+    explicit_uid_gid: bool = False
+    #: set HAS_XATTR even without xattrs (merge does; a read-back keeps the source's flag)
+    force_has_xattr: bool = False
+    root_ino: int = 1
+
+    def lookup(self, path: str | bytes) -> Node | None:
+        """Absolute or relative path → node, following no symlinks."""
+        raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+        node = self.root
+        for part in raw.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            if node.children is None:
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def walk(self) -> Iterator[tuple[bytes, Node]]:
+        """(path, node) depth-first, children in byte order; the root's path is b"/"."""
+        stack: list[tuple[bytes, Node]] = [(b"/", self.root)]
+        while stack:
+            path, node = stack.pop()
+            yield path, node
+            if node.children:
+                prefix = path if path.endswith(b"/") else path + b"/"
+                for name in sorted(node.children, reverse=True):
+                    stack.append((prefix + name, node.children[name]))

@@ -1,0 +1,248 @@
+"""Tree + blob table → RAFS v6 bootstrap bytes in the v2.1 file map (rafs-v6 §2.1, §2.11).
+
+One preallocated bytearray, filled with `struct.pack_into`; no per-inode bytes objects, so
+memory stays proportional to the tree, not to Python temporaries.
+"""
+
+from __future__ import annotations
+
+import stat
+
+from stargzfs.errors import UnsupportedError
+from stargzfs.rafs.layout import DIR, FILE, SYMLINK, Layout, compute_layout
+from stargzfs.rafs.ondisk import (
+    BLOB_ENTRY,
+    BLOB_FEATURE_ALIGNED,
+    BLOB_ID_LEN,
+    BLOCK_SIZE,
+    CHUNK_FLAG_COMPRESSED,
+    CHUNK_INDEX,
+    CHUNK_RECORD,
+    COMPRESSOR_ALGOS,
+    COMPRESSOR_FLAGS,
+    DEVICE_SLOT,
+    DEVT_SLOT_OFFSET,
+    DIGESTER_ALGOS,
+    DIGESTER_FLAGS,
+    DIRENT,
+    EXT_SUPERBLOCK_OFFSET,
+    FILE_TYPE_BY_IFMT,
+    FLAG_EXPLICIT_UID_GID,
+    FLAG_HAS_XATTR,
+    INODE_EXTENDED,
+    LAYOUT_CHUNK_BASED,
+    LAYOUT_FLAT_INLINE,
+    LAYOUT_FLAT_PLAIN,
+    MAX_CHUNK_COUNT,
+    SUPERBLOCK_OFFSET,
+    XATTR_ENTRY,
+    XATTR_IBODY_HEADER,
+    ExtSuperBlock,
+    SuperBlock,
+    chunk_format,
+    i_format,
+    split_xattr_name,
+)
+from stargzfs.rafs.tree import ChunkRef, Node, RafsImage
+
+_EMPTY16 = bytes(16)
+_FORMAT_PLAIN = i_format(True, LAYOUT_FLAT_PLAIN)
+_FORMAT_INLINE = i_format(True, LAYOUT_FLAT_INLINE)
+_FORMAT_CHUNKED = i_format(True, LAYOUT_CHUNK_BASED)
+MAX_INODE_FIELD = 0xFFFFFFFF
+
+
+def _round_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def blob_table_offset(blob_count: int) -> int:
+    return _round_up(DEVT_SLOT_OFFSET + 128 * blob_count, BLOCK_SIZE)
+
+
+def meta_addr_for(blob_count: int) -> int:
+    """v2.1: an unused zero block after the blob table; none at all without blobs."""
+    if blob_count == 0:
+        return 0
+    return _round_up(blob_table_offset(blob_count) + BLOB_ENTRY.size * blob_count, BLOCK_SIZE)
+
+
+def superblock_flags(image: RafsImage, has_xattr: bool) -> int:
+    try:
+        flags = COMPRESSOR_FLAGS[image.compressor] | DIGESTER_FLAGS[image.digester]
+    except KeyError as exc:
+        raise UnsupportedError(f"unknown compressor/digester {exc.args[0]!r}") from None
+    if image.explicit_uid_gid:
+        flags |= FLAG_EXPLICIT_UID_GID
+    if has_xattr or image.force_has_xattr:
+        flags |= FLAG_HAS_XATTR
+    return flags
+
+
+def write_bootstrap(image: RafsImage) -> bytes:
+    """Lay out and serialise; UnsupportedError when a value does not fit the format."""
+    blobs = image.blobs
+    for index, blob in enumerate(blobs):
+        if len(blob.blob_id.encode()) != BLOB_ID_LEN:
+            raise UnsupportedError(f"blob id {blob.blob_id!r} must be exactly {BLOB_ID_LEN} characters")
+        if blob.chunk_count >= MAX_CHUNK_COUNT:
+            raise UnsupportedError(f"blob {index}: {blob.chunk_count} chunks exceed the RAFS limit of 2^24")
+    layout = compute_layout(image.root, chunk_size=image.chunk_size, root_ino=image.root_ino)
+    meta_addr = meta_addr_for(len(blobs))
+    records = _chunk_records(layout)
+    meta_end = meta_addr + layout.end
+    chunk_table_offset = _round_up(meta_end, BLOCK_SIZE)
+    chunk_table_size = CHUNK_RECORD.size * len(records)
+    total = _round_up(chunk_table_offset + chunk_table_size, BLOCK_SIZE)
+    buf = bytearray(total)
+
+    has_xattr = _emit_inodes(buf, layout, meta_addr, image.chunk_size)
+    for position, key in enumerate(sorted(records)):
+        ref = records[key]
+        CHUNK_RECORD.pack_into(
+            buf, chunk_table_offset + CHUNK_RECORD.size * position,
+            ref.block_id, ref.blob_index, CHUNK_FLAG_COMPRESSED, ref.compressed_size, ref.uncompressed_size,
+            ref.compressed_offset, ref.uncompressed_offset, ref.file_offset, ref.chunk_index, 0,
+        )
+    bt_offset = blob_table_offset(len(blobs))
+    for index, blob in enumerate(blobs):
+        blob_id = blob.blob_id.encode()
+        DEVICE_SLOT.pack_into(buf, DEVT_SLOT_OFFSET + 128 * index, blob_id, blob.uncompressed_size >> 12, 0, bytes(56))
+        BLOB_ENTRY.pack_into(
+            buf, bt_offset + BLOB_ENTRY.size * index,
+            blob_id, index, blob.chunk_size, blob.chunk_count,
+            COMPRESSOR_ALGOS.get(blob.compressor, 2), DIGESTER_ALGOS.get(blob.digester, 1),
+            blob.meta_features | BLOB_FEATURE_ALIGNED, blob.compressed_size, blob.uncompressed_size, 0,
+            blob.ci_compressor, blob.ci_offset, blob.ci_compressed_size, blob.ci_uncompressed_size,
+            bytes(32), bytes(88),
+        )
+    superblock = SuperBlock(
+        inos=layout.inode_count,
+        blocks=total // BLOCK_SIZE,
+        meta_blkaddr=meta_addr // BLOCK_SIZE,
+        extra_devices=len(blobs),
+    )
+    buf[SUPERBLOCK_OFFSET:SUPERBLOCK_OFFSET + 128] = superblock.pack()
+    ext = ExtSuperBlock(
+        flags=superblock_flags(image, has_xattr),
+        blob_table_offset=bt_offset,
+        blob_table_size=BLOB_ENTRY.size * len(blobs),
+        chunk_size=image.chunk_size,
+        chunk_table_offset=chunk_table_offset,
+        chunk_table_size=chunk_table_size,
+    )
+    buf[EXT_SUPERBLOCK_OFFSET:EXT_SUPERBLOCK_OFFSET + 256] = ext.pack()
+    return bytes(buf)
+
+
+def _chunk_records(layout: Layout) -> dict[tuple[bytes, int], ChunkRef]:
+    """One chunk-table record per (block_id, blob); the writer sorts by that key."""
+    records: dict[tuple[bytes, int], ChunkRef] = {}
+    for placement in layout.placements:
+        if placement.kind == FILE:
+            for ref in placement.node.chunks:
+                records[(ref.block_id, ref.blob_index)] = ref
+    return records
+
+
+def _emit_xattrs(buf: bytearray, pos: int, xattrs: list[tuple[bytes, bytes]]) -> None:
+    XATTR_IBODY_HEADER.pack_into(buf, pos, 0, 0, bytes(7))
+    pos += XATTR_IBODY_HEADER.size
+    for name, value in xattrs:
+        index, suffix = split_xattr_name(name)  # type: ignore[misc]  # validated by the layout
+        XATTR_ENTRY.pack_into(buf, pos, len(suffix), index, len(value))
+        start = pos + XATTR_ENTRY.size
+        buf[start:start + len(suffix)] = suffix
+        buf[start + len(suffix):start + len(suffix) + len(value)] = value
+        pos += (XATTR_ENTRY.size + len(suffix) + len(value) + 3) & ~3
+
+
+def _check_fields(node: Node) -> None:
+    if node.uid > MAX_INODE_FIELD or node.gid > MAX_INODE_FIELD:
+        raise UnsupportedError(f"{node.name!r}: uid/gid {node.uid}/{node.gid} do not fit in 32 bits")
+    if not 0 <= node.mtime < 1 << 64:
+        raise UnsupportedError(f"{node.name!r}: mtime {node.mtime} does not fit the inode")
+
+
+def _emit_inodes(buf: bytearray, layout: Layout, meta_addr: int, chunk_size: int) -> bool:
+    addr_of = layout.addr_of
+    nlink_of_group = layout.nlink_of_group
+    pack_inode = INODE_EXTENDED.pack_into
+    pack_dirent = DIRENT.pack_into
+    pack_index = CHUNK_INDEX.pack_into
+    chunked_i_u = chunk_format(chunk_size)
+    has_xattr = False
+    for p in layout.placements:
+        node = p.node
+        _check_fields(node)
+        pos = meta_addr + p.addr
+        inode_size = INODE_EXTENDED.size + p.xattr_size
+        if p.kind == FILE:
+            if node.is_reg:
+                fmt, i_u = _FORMAT_CHUNKED, chunked_i_u
+            else:
+                fmt, i_u = _FORMAT_PLAIN, node.rdev if (stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode)) else 0
+            nlink = nlink_of_group[id(node.link)] if node.link is not None else 1
+            size = node.size if node.is_reg else 0
+        else:
+            fmt = _FORMAT_INLINE if p.inline else _FORMAT_PLAIN
+            i_u = (meta_addr + p.data_addr) // BLOCK_SIZE
+            size = p.data_size
+            if p.kind == DIR:
+                nlink = 2 + sum(1 for child in (node.children or {}).values() if child.children is not None)
+            else:
+                nlink = nlink_of_group[id(node.link)] if node.link is not None else 1
+        icount = 0 if p.xattr_size == 0 else (p.xattr_size - XATTR_IBODY_HEADER.size) // 4 + 1
+        pack_inode(
+            buf, pos, fmt, icount, node.mode & 0xFFFF, 0, size, i_u, p.ino, node.uid, node.gid,
+            node.mtime, node.mtime_nsec, nlink, _EMPTY16,
+        )
+        if p.xattr_size:
+            has_xattr = True
+            _emit_xattrs(buf, pos + INODE_EXTENDED.size, node.xattrs)
+        if p.kind == FILE:
+            index_pos = _round_up(pos + inode_size, 8)
+            for ref in node.chunks:
+                pack_index(
+                    buf, index_pos, ref.chunk_index & 0xFFFF,
+                    ((ref.blob_index + 1) & 0xFF) | (((ref.chunk_index >> 16) & 0xFF) << 8),
+                    ref.uncompressed_offset // BLOCK_SIZE,
+                )
+                index_pos += 8
+        elif p.kind == SYMLINK:
+            _emit_data(buf, node.symlink or b"", meta_addr + p.data_addr, pos + inode_size, p.inline)
+        else:
+            _emit_dirents(buf, p.entries or [], addr_of, meta_addr + p.data_addr, pos + inode_size, p.inline)
+    return has_xattr
+
+
+def _emit_data(buf: bytearray, data: bytes, data_pos: int, tail_pos: int, inline: bool) -> None:
+    full = len(data) - len(data) % BLOCK_SIZE if inline else len(data)
+    buf[data_pos:data_pos + full] = data[:full]
+    if inline and full < len(data):
+        buf[tail_pos:tail_pos + len(data) - full] = data[full:]
+
+
+def _emit_dirents(
+    buf: bytearray, entries: list[tuple[bytes, Node]], addr_of: dict[int, int], data_pos: int, tail_pos: int,
+    inline: bool,
+) -> None:
+    """Blocks of [dirents][names]; the last partial block goes inline when `inline`."""
+    blocks: list[list[tuple[bytes, Node]]] = [[]]
+    used = 0
+    for name, child in entries:
+        cost = DIRENT.size + len(name)
+        if used + cost > BLOCK_SIZE:
+            blocks.append([])
+            used = 0
+        blocks[-1].append((name, child))
+        used += cost
+    for number, block in enumerate(blocks):
+        is_last = number == len(blocks) - 1
+        base = tail_pos if (inline and is_last) else data_pos + BLOCK_SIZE * number
+        nameoff = DIRENT.size * len(block)
+        for slot, (name, child) in enumerate(block):
+            ftype = FILE_TYPE_BY_IFMT.get((child.mode >> 12) & 0o17, 0)
+            DIRENT.pack_into(buf, base + DIRENT.size * slot, addr_of[id(child)] // 32, nameoff, ftype, 0)
+            buf[base + nameoff:base + nameoff + len(name)] = name
+            nameoff += len(name)

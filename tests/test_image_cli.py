@@ -1,0 +1,131 @@
+"""`stargzfs-image create/check/inspect` argv handling: the seed's exact command line in any
+order, one-line errors with distinct exit codes, and never a partial or stray output file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stargzfs.image_cli import main
+from support.paths import NYDUS_FIXTURES, VENV_BIN
+
+LOWER_ID = "e81a6dbddf425e3082f158ff1d80f2adab1dde8dad0b8c4ca43c1bad339f4ec5"
+EMPTY_ID = "db30bb2870067ed3e0e73c7448d9f0b529169da8295b5b5155b417624d861d81"
+LOWER_TOC = NYDUS_FIXTURES / "stargz.index-lower.json"
+
+
+def seed_argv(out: Path, meta: Path, toc: Path, blob_id: str = LOWER_ID) -> list[str]:
+    return ["create", "--source-type", "stargz_index", "--bootstrap", str(out), "--blob-id", blob_id,
+            "--repeatable", "--disable-check", "--fs-version", "6", "--chunk-size", "0x400000",
+            "--blob-meta", str(meta), str(toc)]
+
+
+def test_seed_command_line_via_console_script(tmp_path: Path) -> None:
+    out, meta = tmp_path / "boot", tmp_path / "meta"
+    proc = subprocess.run([str(VENV_BIN / "stargzfs-image"), *seed_argv(out, meta, LOWER_TOC)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size == 20480 and meta.stat().st_size == 8192
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boot", "meta"]
+
+
+def test_flag_order_and_checked_build_give_same_bytes(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    assert main(seed_argv(a / "boot", a / "meta", LOWER_TOC)) == 0
+    shuffled = ["create", str(LOWER_TOC), "--chunk-size", "400000", "--blob-meta", str(b / "meta"),
+                "--fs-version", "6", "--repeatable", "--blob-id", LOWER_ID, "--bootstrap", str(b / "boot"),
+                "--source-type", "stargz_index"]  # no --disable-check: runs check too
+    assert main(shuffled) == 0
+    assert (a / "boot").read_bytes() == (b / "boot").read_bytes()
+    assert (a / "meta").read_bytes() == (b / "meta").read_bytes()
+
+
+def test_empty_layer_writes_no_blob_meta(tmp_path: Path) -> None:
+    out, meta = tmp_path / "boot", tmp_path / "meta"
+    assert main(seed_argv(out, meta, NYDUS_FIXTURES / "stargz.index-empty.json", EMPTY_ID)) == 0
+    assert out.stat().st_size == 8192 and not meta.exists()
+
+
+@pytest.mark.parametrize("change, code, words", [
+    ({"--fs-version": "5"}, 2, "--fs-version '5' is not supported"),
+    ({"--source-type": "directory"}, 2, "only stargz_index"),
+    ({"--chunk-size": "0x3000"}, 2, "power of two"),
+    ({"--chunk-size": "zz"}, 2, "not a hexadecimal"),
+    ({"--chunk-size": "0x100000"}, 6, "does not match --chunk-size"),
+    ({"--blob-id": "xyz"}, 2, "64 lowercase hex"),
+])
+def test_bad_arguments(change: dict[str, str], code: int, words: str, tmp_path: Path,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    argv = seed_argv(tmp_path / "boot", tmp_path / "meta", LOWER_TOC)
+    for flag, value in change.items():
+        argv[argv.index(flag) + 1] = value
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_toc_leaves_previous_outputs_untouched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, meta = tmp_path / "boot", tmp_path / "meta"
+    out.write_bytes(b"old bootstrap")
+    bad = tmp_path / "toc.json"
+    bad.write_text('{"version": 1, "entries": [{"name": "a", "type": "reg", "size": 5, "offset": 9},'
+                   ' {"name": "b", "type": "reg", "size": 5, "offset": 9, "innerOffset": 7}]}')
+    assert main(seed_argv(out, meta, bad)) == 6
+    assert "innerOffset" in capsys.readouterr().err
+    bad.write_text("{not json")
+    assert main(seed_argv(out, meta, bad)) == 5
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(seed_argv(out, meta, tmp_path / "missing.json")) == 2
+    assert out.read_bytes() == b"old bootstrap" and not meta.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boot", "toc.json"]
+
+
+def test_unwritable_output_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(seed_argv(tmp_path / "nodir" / "boot", tmp_path / "meta", LOWER_TOC)) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zstd_compressor_extension(tmp_path: Path) -> None:
+    argv = seed_argv(tmp_path / "boot", tmp_path / "meta", LOWER_TOC) + ["--compressor", "zstd"]
+    assert main(argv) == 0
+    assert main(["inspect", str(tmp_path / "boot"), "stats", "--json"]) == 0
+
+
+def test_check_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, meta = tmp_path / f"{LOWER_ID}.boot", tmp_path / f"{LOWER_ID}.blob.meta"
+    assert main(seed_argv(out, meta, LOWER_TOC)) == 0
+    capsys.readouterr()
+    report = tmp_path / "report.json"
+    assert main(["check", "--bootstrap", str(out), "--blob-meta", str(meta), "-J", str(report), "-V"]) == 0
+    assert "check: OK" in capsys.readouterr().out
+    assert json.loads(report.read_text())["blobs"] == [LOWER_ID]
+
+    assert main(["inspect", str(out), "ls", "/sub", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [e["name"] for e in listing][:2] == ["more", "some"]
+    assert main(["inspect", str(out), "stat", "/root-large"]) == 0
+    assert "nlink: 2" in capsys.readouterr().out
+    assert main(["inspect", str(out), "chunks", "/root-large", "--json"]) == 0
+    assert [c["compressed_offset"] for c in json.loads(capsys.readouterr().out)] == [247, 4356, 8465, 12574]
+    assert main(["inspect", str(out), "blobs"]) == 0
+    assert LOWER_ID in capsys.readouterr().out
+    assert main(["inspect", str(out), "stat", "/nope"]) == 2
+    assert main(["inspect", str(out), "ls"]) == 2
+
+    damaged = tmp_path / "damaged.boot"
+    shutil.copy(out, damaged)
+    with damaged.open("r+b") as handle:
+        handle.truncate(6000)
+    capsys.readouterr()
+    assert main(["check", "--bootstrap", str(damaged)]) == 5
+    err = capsys.readouterr().err
+    assert "check(s) failed" in err and err.count("\n") == 1
+    assert main(["inspect", str(damaged), "stats"]) == 5
