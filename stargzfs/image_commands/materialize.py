@@ -1,14 +1,124 @@
-"""`stargzfs-image materialize` (placeholder until its issue lands)."""
+"""`stargzfs-image materialize`: the uncompressed blob cache for a bootstrap's `device=`.
+
+With the output a bootstrap mounts with the kernel's erofs and no nydusd:
+`mount(BOOT, MNT, "erofs", MS_RDONLY, "device=/abs/DEV")`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from stargzfs.errors import UsageError
+from stargzfs.estargz.toc import Toc, parse_toc
+from stargzfs.rafs.materialize import COMPRESSIONS, MaterializeResult, materialize
+
+_BLOB_URL = re.compile(r"^(?P<scheme>https?)://(?P<host>[^/]+)/v2/(?P<repo>.+)/blobs/(?P<digest>[a-z0-9]+:[0-9a-fA-F]+)$")
+_REF_AT_DIGEST = re.compile(r"^(?P<ref>[^@]+)@(?P<digest>[a-z0-9]+:[0-9a-fA-F]+)$")
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    parser = sub.add_parser("materialize", help="not implemented yet")
+    parser = sub.add_parser(
+        "materialize",
+        help="write the uncompressed blob cache (erofs device file) of a layer blob",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--blob-meta", required=True, type=Path, metavar="META", help="blob.meta written by create")
+    parser.add_argument(
+        "--blob",
+        required=True,
+        metavar="FILE|URL",
+        help="layer blob: a local file, http(s)://HOST/v2/REPO/blobs/DIGEST, or REF@DIGEST",
+    )
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="DEV", help="cache file to write")
+    parser.add_argument("--toc", type=Path, metavar="TOC", help="TOC JSON: verify chunks against its digests")
+    parser.add_argument(
+        "--compressor", choices=COMPRESSIONS, help="blob compression (default: detected from the data)"
+    )
+    parser.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="talk plain HTTP to this registry host (repeatable)",
+    )
     parser.set_defaults(func=run)
 
 
+def _read_input(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _remote_source(blob: str) -> tuple[str, str, bool] | None:
+    """(reference, digest, plain_http) for URL/REF@DIGEST sources, None for local files."""
+    if blob.startswith(("http://", "https://")) and "@" in blob.split("/")[2]:
+        # never echo it: the user info part is a secret
+        raise UsageError("--blob URL must not carry credentials; use ~/.docker/config.json instead")
+    match = _BLOB_URL.match(blob)
+    if match:
+        return f"{match['host']}/{match['repo']}", match["digest"], match["scheme"] == "http"
+    if blob.startswith(("http://", "https://")):
+        raise UsageError(f"--blob URL must look like https://HOST/v2/REPO/blobs/sha256:HEX, got {blob!r}")
+    match = _REF_AT_DIGEST.match(blob)
+    if match and not Path(blob).exists():
+        return match["ref"], match["digest"], False
+    return None
+
+
+async def _materialize_remote(
+    blob_meta: bytes, ref: str, digest: str, insecure: list[str], output: Path, toc: Toc | None, compressor: str | None
+) -> MaterializeResult:
+    from stargzfs.registry.client import RegistryClient, RegistryConfig
+
+    async with RegistryClient(RegistryConfig(insecure_hosts=tuple(insecure))) as client:
+        reader = client.blob(ref, digest)
+        return await materialize(blob_meta, reader, output, toc=toc, compression=compressor)
+
+
+async def _materialize_file(
+    blob_meta: bytes, path: Path, output: Path, toc: Toc | None, compressor: str | None
+) -> MaterializeResult:
+    from stargzfs.estargz.fetch import FileRangeReader
+
+    if not path.is_file():
+        raise UsageError(f"--blob {path} is not a readable file (nor a URL or REF@DIGEST)")
+    reader = FileRangeReader(path)
+    return await materialize(blob_meta, reader, output, toc=toc, compression=compressor, blob_size=path.stat().st_size)
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("stargzfs-image materialize: not implemented yet")
+    blob_meta = _read_input(args.blob_meta, "--blob-meta")
+    toc = parse_toc(_read_input(args.toc, "--toc")) if args.toc else None
+    output: Path = args.output
+    if not output.parent.is_dir():
+        raise UsageError(f"output directory {output.parent} does not exist")
+    remote = _remote_source(args.blob)
+    job: Callable[[], Any]
+    if remote is not None:
+        ref, digest, plain_http = remote
+        insecure = list(args.insecure_registry)
+        if plain_http:
+            insecure.append(ref.split("/", 1)[0])
+
+        async def job() -> MaterializeResult:
+            return await _materialize_remote(blob_meta, ref, digest, insecure, output, toc, args.compressor)
+
+    else:
+
+        async def job() -> MaterializeResult:
+            return await _materialize_file(blob_meta, Path(args.blob), output, toc, args.compressor)
+
+    result: MaterializeResult = trio.run(job)
+    print(
+        f"{result.output}: {result.size} bytes, {result.chunks} chunks ({result.verified} verified), "
+        f"{result.compression}, {result.requests} range reads, {result.bytes_fetched} bytes fetched"
+    )
+    return 0
