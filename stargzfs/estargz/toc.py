@@ -22,6 +22,7 @@ import stat
 from dataclasses import dataclass, field
 
 from stargzfs.errors import FormatError
+from stargzfs.gcpause import paused_gc
 
 TOC_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -198,6 +199,11 @@ def _xattrs(obj: dict, index: int) -> dict[str, bytes]:
 
 def parse_toc(raw: bytes) -> Toc:
     """Parse and normalise TOC JSON bytes; FormatError names the offending entry."""
+    with paused_gc():
+        return _parse_toc(raw)
+
+
+def _parse_toc(raw: bytes) -> Toc:
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

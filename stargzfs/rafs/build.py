@@ -3,13 +3,11 @@ and the FUSE pipeline."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from stargzfs.errors import UsageError
 from stargzfs.estargz.toc import Toc
+from stargzfs.gcpause import paused_gc
 from stargzfs.rafs.blobmeta import ChunkMeta, encode_blob_meta
 from stargzfs.rafs.from_toc import build_tree
 from stargzfs.rafs.tree import RafsImage
@@ -26,19 +24,6 @@ class BuildResult:
     blob_meta: bytes | None  # None when the layer has no data chunk (v2.1 writes no file then)
     image: RafsImage
     chunk_count: int
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """The tree is acyclic, so the cyclic GC only burns time rescanning millions of new
-    objects (it halves build time at 1M entries)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def validate_chunk_size(chunk_size: int) -> None:

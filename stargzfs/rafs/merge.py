@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stargzfs.errors import FormatError, StargzfsError, UnsupportedError, UsageError
+from stargzfs.gcpause import paused_gc
 from stargzfs.rafs.reader import read_bootstrap
 from stargzfs.rafs.tree import BlobInfo, ChunkRef, Node, RafsImage
 from stargzfs.rafs.writer import write_bootstrap
@@ -69,6 +70,11 @@ def merge_bootstraps(sources: Sequence[Path], *, parent: Path | None = None) -> 
 
     Sources are read one at a time and folded in, so only the merged tree stays in memory.
     """
+    with paused_gc():
+        return _merge(sources, parent)
+
+
+def _merge(sources: Sequence[Path], parent: Path | None) -> MergeResult:
     if not sources:
         raise UsageError("merge needs at least one source bootstrap")
     stack: list[tuple[Path, str | None]] = [(Path(parent), None)] if parent is not None else []
