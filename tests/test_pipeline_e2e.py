@@ -1,0 +1,542 @@
+"""The lazy pipeline end to end, through a real `stargzfs mount` of a real snapshotter root.
+
+Real parts only: eStargz images made by ctr-remote and served by docker-registry, a
+metadata.db written by containerd's own snapshots/storage (Go helper), the daemon started
+by the `stargzfs` CLI, and the kernel (erofs, overlayfs) as the judge of what it built.
+One root, one metadata.db and shared images serve every test; each test uses its own
+snapshot chains, so the tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from stargzfs.snapshots.store import (
+    LABEL_IMAGE_REF,
+    LABEL_LAYER_DIGEST,
+    LABEL_NYDUS_META_LAYER,
+    LABEL_TARGET_SNAPSHOT_REF,
+    LABEL_TOC_DIGEST,
+)
+from support.erofs import erofs_mounted, extract_layer_tar, overlay_mounted, tree_snapshot
+from support.fake_nydus_image import read_journal, write_fake_nydus_image
+from support.images import FileSpec, PushedImage, build_image, make_layer_tar
+from support.registry import RegistryProcess
+from test_merge_kernel import stacked_layers, to_overlay_form
+
+VENV_BIN = Path(sys.executable).parent
+STARGZFS = str(VENV_BIN / "stargzfs")
+IMAGE_CLI = str(VENV_BIN / "stargzfs-image")
+IMAGE_BOOT = "image.boot"
+
+
+# ------------------------------------------------------------------------------------ daemon
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _mounted(path: Path) -> bool:
+    wanted = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as handle:
+        return any(line.split()[4] == wanted for line in handle)
+
+
+@dataclass
+class Daemon:
+    """A `stargzfs mount` background daemon, found by the pid the CLI prints."""
+
+    mountpoint: Path
+    pid: int
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_gone(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while _pid_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(self.pid), f"daemon {self.pid} did not exit"
+
+    def stop(self) -> None:
+        if _mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+        if _mounted(self.mountpoint):
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+        if _pid_alive(self.pid):
+            try:
+                self.wait_gone(15)
+            except AssertionError:
+                os.kill(self.pid, signal.SIGKILL)
+
+    def kill9(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.wait_gone()
+        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+
+
+def start_daemon(
+    root: Path, mountpoint: Path, log: Path, *extra: str | Path, env: dict[str, str] | None = None,
+    config: dict[str, float] | None = None,
+) -> Daemon:
+    """`stargzfs mount ROOT MNT --log-file LOG …`; returns once the CLI says the mount is ready."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    argv: list[str | Path] = [STARGZFS, "mount", root, mountpoint, "--log-file", log, "--log-level", "debug", *extra]
+    if config:
+        config_path = log.with_suffix(".toml")
+        config_path.write_text("[stargzfs]\n" + "".join(f"{key} = {value}\n" for key, value in config.items()))
+        argv += ["--config", config_path]
+    done = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, f"mount failed ({done.returncode}): {done.stderr}"
+    match = re.search(r"daemon pid (\d+)", done.stderr)
+    assert match, done.stderr
+    assert _mounted(mountpoint)
+    return Daemon(mountpoint, int(match.group(1)), log)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """start(root, *args, **kw) -> Daemon on a fresh mountpoint; all stopped at teardown."""
+    started: list[Daemon] = []
+
+    def start(root: Path, *extra: str | Path, **kwargs: object) -> Daemon:
+        number = len(started)
+        daemon = start_daemon(root, tmp_path / f"mnt{number}", tmp_path / f"daemon{number}.log", *extra,
+                              **kwargs)  # type: ignore[arg-type]
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def status(root: Path) -> dict[str, dict]:
+    """`stargzfs status ROOT --json`, rows keyed by snapshot id."""
+    done = subprocess.run([STARGZFS, "status", str(root), "--json"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return {row["id"]: row for row in json.loads(done.stdout)["snapshots"]}
+
+
+def image_cli_ok(*args: str | Path) -> str:
+    done = subprocess.run([IMAGE_CLI, *map(str, args)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"stargzfs-image {args[0]}: {done.stderr}"
+    return done.stdout
+
+
+# ------------------------------------------------------------------------------------ the root
+def hex_of(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+@dataclass(frozen=True)
+class ChainLayer:
+    ref: str
+    digest: str
+    toc_digest: str | None = None
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+
+def chain_ops(chain: str, layers: Sequence[ChainLayer]) -> list[dict]:
+    """Prepare + Commit per layer, bottom up, with the labels nydus-snapshotter leaves."""
+    ops: list[dict] = []
+    parent = ""
+    for index, layer in enumerate(layers):
+        name = f"sha256:{chain}-{index}"
+        key = f"k8s.io/{chain}/{index}/extract {name}"
+        ops.append({"op": "active", "key": key, "parent": parent, "labels": {LABEL_TARGET_SNAPSHOT_REF: name}})
+        labels = {LABEL_IMAGE_REF: layer.ref, LABEL_LAYER_DIGEST: layer.digest, LABEL_TARGET_SNAPSHOT_REF: name}
+        if layer.toc_digest:
+            labels[LABEL_TOC_DIGEST] = layer.toc_digest
+        labels.update(layer.extra_labels)
+        ops.append({"op": "commit", "key": key, "name": name, "labels": labels, "size": 4096, "inodes": 3})
+        parent = name
+    return ops
+
+
+def image_chain(image: PushedImage, ref: str | None = None) -> list[ChainLayer]:
+    return [ChainLayer(ref or image.ref, layer.digest, layer.toc_digest) for layer in image.layers]
+
+
+def write_root(snapdb, root: Path, chains: dict[str, list[ChainLayer]], extra_ops: Sequence[dict] = ()) -> dict[str, str]:
+    """metadata.db via containerd's code + one fs dir per snapshot; returns name -> id."""
+    root.mkdir(parents=True, exist_ok=True)
+    db = root / "metadata.db"
+    transaction = [op for chain, layers in chains.items() for op in chain_ops(chain, layers)]
+    snapdb.apply(db, [transaction + list(extra_ops)])
+    ids = {row["name"]: row["id"] for row in snapdb.list(db)}
+    for snapshot_id in ids.values():
+        (root / "snapshots" / snapshot_id / "fs").mkdir(parents=True, exist_ok=True)
+    return ids
+
+
+def eight_layers() -> list[list[FileSpec]]:
+    return [
+        [FileSpec(f"layer{index}", kind="dir"), FileSpec(f"layer{index}/file.txt", data=f"layer {index}\n".encode() * 50)]
+        for index in range(8)
+    ]
+
+
+@dataclass
+class World:
+    root: Path
+    ids: dict[str, str]  # snapshot name -> id
+    gzip: PushedImage
+    zstd: PushedImage
+    eight: PushedImage
+    plain: PushedImage
+    private: RegistryProcess
+    outside: Path  # a dir outside ROOT the daemon must never write to
+    work: Path
+
+    def sid(self, chain: str, index: int = 0) -> str:
+        return self.ids[f"sha256:{chain}-{index}"]
+
+    def fs(self, chain: str, index: int = 0) -> Path:
+        return self.root / "snapshots" / self.sid(chain, index) / "fs"
+
+
+@pytest.fixture(scope="module")
+def world(containerd, registry, image_cache, snapdb, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    gzip_image = image_cache.get(
+        ("test_merge_kernel", "gzip"),
+        lambda: build_image(containerd, registry, "merge-kernel/gzip", stacked_layers(), compression="gzip"),
+    )
+    zstd_image = image_cache.get(
+        ("test_merge_kernel", "zstd"),
+        lambda: build_image(containerd, registry, "merge-kernel/zstd", stacked_layers(), compression="zstd"),
+    )
+    eight = image_cache.get(
+        ("test_pipeline_e2e", "eight"),
+        lambda: build_image(containerd, registry, "pipeline-e2e/eight", eight_layers(), compression="gzip"),
+    )
+    plain = image_cache.get(
+        ("test_pipeline_e2e", "plain"),
+        lambda: build_image(containerd, registry, "pipeline-e2e/plain", eight_layers()[:1], compression="plain"),
+    )
+    private = RegistryProcess(tmp_path_factory.mktemp("private-registry"))
+    private.seed_from(registry)
+    private.start()
+    try:
+        work = tmp_path_factory.mktemp("e2e")
+        root = work / "root"
+        outside = work / "outside"
+        outside.mkdir()
+        (outside / "secret.txt").write_text("outside ROOT\n")
+        e = image_chain(eight)
+        private_ref = f"{private.host}/{eight.repository}:{eight.tag}"
+        chains = {
+            "gz": image_chain(gzip_image),
+            "zs": image_chain(zstd_image),
+            "eight": e,
+            "down": [ChainLayer(private_ref, e[0].digest, e[0].toc_digest)],
+            "kill": [e[1]],
+            "swap": [e[2]],
+            "mixed": [ChainLayer(plain.ref, plain.layers[0].digest), e[3]],
+            "plain": image_chain(plain),
+            "nydus": [ChainLayer(e[4].ref, e[4].digest, extra_labels={LABEL_NYDUS_META_LAYER: "true"})],
+            "planted": [e[5]],
+            "symfs": [e[6]],
+        }
+        container = {"op": "active", "key": "k8s.io/99/container", "parent": "sha256:gz-3", "labels": {}}
+        ids = write_root(snapdb, root, chains, [container])
+        world = World(root, ids, gzip_image, zstd_image, eight, plain, private, outside, work)
+        # a nydus meta layer as the snapshotter leaves it
+        (world.fs("nydus") / "image").mkdir()
+        (world.fs("nydus") / "image" / "image.boot").write_bytes(b"not ours to touch")
+        # escape bait: a planted bootstrap symlink, and an fs dir that is a symlink
+        os.symlink(outside / "secret.txt", world.fs("planted") / hex_of(e[5].digest))
+        symfs = world.fs("symfs")
+        symfs.rmdir()
+        symfs.symlink_to(outside, target_is_directory=True)
+        yield world
+    finally:
+        private.stop()
+
+
+def layer_oracle(work: Path, name: str, files: list[FileSpec]) -> Path:
+    """The layer's tar extracted by GNU tar: what its bootstrap must show."""
+    target = work / f"oracle-{name}"
+    if not target.exists():
+        extract_layer_tar(make_layer_tar(files, work / f"oracle-{name}.tar"), target)
+    return target
+
+
+def overlay_oracle(work: Path) -> list[Path]:
+    """The stacked layers as overlayfs lowers, top first (built once per module run)."""
+    base = work / "overlay-oracle"
+    if not base.exists():
+        extracted: list[Path] = []
+        for number, files in enumerate(stacked_layers()):
+            layer_root = base / f"layer{number}"
+            extract_layer_tar(make_layer_tar(files, base / f"layer{number}.tar"), layer_root)
+            to_overlay_form(layer_root, extracted)
+            extracted.append(layer_root)
+    return [base / f"layer{number}" for number in reversed(range(len(stacked_layers())))]
+
+
+def device_for(work: Path, image: PushedImage, index: int, blob_meta: Path) -> Path:
+    """Materialize one layer's blob cache (the erofs `device=`) from its blob.meta."""
+    layer = image.layers[index]
+    blob = work / f"{hex_of(layer.digest)}.blob"
+    device = work / f"{hex_of(layer.digest)}.dev"
+    if not device.exists():
+        blob.write_bytes(layer.blob())
+        image_cli_ok("materialize", "--blob-meta", blob_meta, "--blob", blob, "-o", device)
+    return device
+
+
+def compare_merged(world: World, image: PushedImage, merged: Path, metas: dict[int, Path]) -> None:
+    """The merged bootstrap on the kernel's erofs == overlayfs of the extracted layers."""
+    devices = [device_for(world.work, image, index, metas[index]) for index in sorted(metas)]
+    with overlay_mounted(overlay_oracle(world.work)) as view:
+        expected = tree_snapshot(view, uid_gid=False)
+    with erofs_mounted(merged, devices) as mounted:
+        actual = tree_snapshot(mounted, uid_gid=False)
+    expected.pop("/"), actual.pop("/")
+    assert actual == expected
+
+
+def lstat_errno(path: Path) -> int:
+    try:
+        os.lstat(path)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+# ------------------------------------------------------------------------------------ tests
+def test_fusedev_lookup_converts_layers_and_open_merges(world: World, daemons) -> None:
+    daemon = daemons(world.root)
+    mnt = daemon.mountpoint
+    top = world.sid("gz", 3)
+    hexes = [hex_of(layer.digest) for layer in world.gzip.layers]
+    assert sorted(os.listdir(mnt / top)) == sorted([hexes[3], IMAGE_BOOT])  # listed before they exist
+    assert os.listdir(world.fs("gz", 3)) == []  # listing converts nothing
+    assert world.sid("gz", 3) in os.listdir(mnt) and world.ids["k8s.io/99/container"] in os.listdir(mnt)
+    assert os.listdir(mnt / world.ids["k8s.io/99/container"]) == []  # active snapshot: nothing virtual
+
+    info = os.stat(mnt / world.sid("gz", 0) / hexes[0])  # the stat runs the conversion
+    assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o440
+    base_fs = world.fs("gz", 0)
+    assert sorted(os.listdir(base_fs)) == sorted([hexes[0], "stargz.index.json"])
+    assert stat.S_IMODE((base_fs / "stargz.index.json").stat().st_mode) == 0o440
+    meta0 = world.root / "cache" / f"{hexes[0]}.blob.meta"
+    assert meta0.is_file()
+    assert (mnt / world.sid("gz", 0) / hexes[0]).read_bytes() == (base_fs / hexes[0]).read_bytes()
+    device = device_for(world.work, world.gzip, 0, meta0)
+    oracle = layer_oracle(world.work, "gz0", stacked_layers()[0])
+    with erofs_mounted(base_fs / hexes[0], [device]) as mounted:
+        actual = tree_snapshot(mounted, uid_gid=False)
+    expected = tree_snapshot(oracle, uid_gid=False)
+    expected.pop("/"), actual.pop("/")
+    assert actual == expected
+
+    with open(mnt / top / IMAGE_BOOT, "rb") as handle:  # open merges the whole chain
+        merged_bytes = handle.read()
+    merged = world.fs("gz", 3) / IMAGE_BOOT
+    assert merged.read_bytes() == merged_bytes and stat.S_IMODE(merged.stat().st_mode) == 0o440
+    for index, digest_hex in enumerate(hexes):
+        assert (world.fs("gz", index) / digest_hex).is_file()
+    assert not [n for n in os.listdir(world.fs("gz", 3)) if n.startswith(("converting", "merging", "."))]
+    metas = {i: world.root / "cache" / f"{h}.blob.meta" for i, h in enumerate(hexes)
+             if (world.root / "cache" / f"{h}.blob.meta").exists()}
+    assert len(metas) == 3  # the data-free top layer has no blob.meta
+    compare_merged(world, world.gzip, merged, metas)
+    rows = status(world.root)
+    assert rows[top]["image_status"] == "merged" and rows[top]["layer_status"] == "converted"
+    assert rows[top]["blob_meta"] == [] and rows[world.sid("gz", 0)]["blob_meta"] == ["fusedev"]
+
+
+def test_fscache_zstd_placement_and_merge(world: World, daemons) -> None:
+    daemon = daemons(world.root, "--fs-driver", "fscache")
+    top = world.sid("zs", 3)
+    hexes = [hex_of(layer.digest) for layer in world.zstd.layers]
+    before = set(os.listdir(world.root / "cache")) if (world.root / "cache").exists() else set()
+    merged_bytes = (daemon.mountpoint / top / IMAGE_BOOT).read_bytes()  # builds all 4 layers, then merges
+    top_names = set(os.listdir(world.fs("zs", 3)))
+    assert top_names == {hexes[3], "stargz.index.json", IMAGE_BOOT} | {f"{h}.blob.meta" for h in hexes[:3]}
+    metas = {}
+    for index, digest_hex in enumerate(hexes[:3]):
+        own = world.fs("zs", index) / f"{digest_hex}.blob.meta"
+        assert own.is_file() and (world.fs("zs", 3) / own.name).read_bytes() == own.read_bytes()
+        metas[index] = own
+    cache_now = set(os.listdir(world.root / "cache")) if (world.root / "cache").exists() else set()
+    assert not {name for name in cache_now - before if name.startswith(tuple(hexes))}
+    merged = world.fs("zs", 3) / IMAGE_BOOT
+    assert merged.read_bytes() == merged_bytes
+    compare_merged(world, world.zstd, merged, metas)
+
+
+def test_parallel_lookups_convert_each_layer_once(world: World, daemons, registry: RegistryProcess) -> None:
+    daemon = daemons(world.root)
+    mnt = daemon.mountpoint
+    targets = [mnt / world.sid("eight", i) / hex_of(layer.digest) for i, layer in enumerate(world.eight.layers)]
+    passthrough = mnt / world.sid("nydus") / "image" / "image.boot"
+    mark = registry.mark()
+    results: list[object] = [None] * 64
+    barrier = threading.Barrier(65)
+
+    def look(slot: int) -> None:
+        barrier.wait()
+        try:
+            results[slot] = os.stat(targets[slot % 8]).st_size
+        except OSError as exc:
+            results[slot] = exc
+
+    threads = [threading.Thread(target=look, args=(slot,)) for slot in range(64)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    answered_while_converting = 0
+    for _ in range(20):
+        assert passthrough.stat().st_size == len(b"not ours to touch")
+        if any(thread.is_alive() for thread in threads):
+            answered_while_converting += 1
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(isinstance(size, int) and size > 0 for size in results), results
+    assert answered_while_converting > 0
+    for layer in world.eight.layers:
+        fetches = registry.requests_for(layer.digest, since=mark)
+        assert len(fetches) == 1, (layer.digest, fetches)  # one ranged GET: footer + TOC
+    log = daemon.log_text()
+    for index in range(8):
+        assert len(re.findall(rf"snapshot {world.sid('eight', index)}: converted layer", log)) == 1
+
+
+def test_registry_down_gives_eio_then_recovers(world: World, daemons) -> None:
+    daemon = daemons(world.root, config={"retry_backoff": 0.2, "retry_backoff_max": 0.2})
+    target = daemon.mountpoint / world.sid("down") / hex_of(world.eight.layers[0].digest)
+    world.private.stop()
+    try:
+        assert lstat_errno(target) == errno.EIO
+        row = status(world.root)[world.sid("down")]
+        assert row["layer_status"] == "error" and "cannot connect" in row["layer_error"]
+        assert not (world.fs("down") / hex_of(world.eight.layers[0].digest)).exists()
+    finally:
+        world.private.start()
+    for _ in range(50):  # the first lookup after the backoff retries
+        if lstat_errno(target) == 0:
+            break
+        time.sleep(0.1)
+    assert stat.S_ISREG(os.lstat(target).st_mode)
+    assert status(world.root)[world.sid("down")]["layer_status"] == "converted"
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_kill9_mid_conversion_leaves_nothing_partial(world: World, daemons, tmp_path: Path) -> None:
+    journal = tmp_path / "journal.jsonl"
+    slow = write_fake_nydus_image(tmp_path / "slow", journal=journal, sleep=60)
+    daemon = daemons(world.root, "--nydus-image", slow)
+    digest_hex = hex_of(world.eight.layers[1].digest)
+    target = daemon.mountpoint / world.sid("kill") / digest_hex
+    outcome: list[int] = []
+    looker = threading.Thread(target=lambda: outcome.append(lstat_errno(target)))
+    looker.start()
+    fs_dir = world.fs("kill")
+    # (not listed through the mount meanwhile: the kernel serializes readdir with the pending lookup)
+    _wait_for(lambda: len(read_journal(journal)) == 1, "the builder to start")
+    _wait_for(lambda: [n for n in os.listdir(fs_dir) if re.fullmatch(r"converting-stargz[0-9a-f]+", n)],
+              "the partial bootstrap temp")
+    daemon.kill9()
+    looker.join(timeout=30)
+    assert outcome and outcome[0] not in (0, errno.ENOENT)
+    assert not (fs_dir / digest_hex).exists()  # only the hidden temp was ever written
+
+    again = daemons(world.root)
+    assert not [n for n in os.listdir(fs_dir) if "converting" in n or "merging" in n]  # removed at start-up
+    assert sorted(os.listdir(again.mountpoint / world.sid("kill"))) == sorted([digest_hex, IMAGE_BOOT, "stargz.index.json"])
+    redo = again.mountpoint / world.sid("kill") / digest_hex
+    assert stat.S_ISREG(os.stat(redo).st_mode)
+    image_cli_ok("check", "--bootstrap", fs_dir / digest_hex)
+    time.sleep(0.5)  # the killed builder (PDEATHSIG) must not write anything late
+    assert sorted(os.listdir(fs_dir)) == sorted([digest_hex, "stargz.index.json"])
+
+
+def test_plain_layers_enoent_remembered_and_nydus_layers_untouched(world: World, daemons, registry) -> None:
+    daemon = daemons(world.root)
+    mnt = daemon.mountpoint
+    plain_dir = mnt / world.sid("plain")
+    plain_hex = hex_of(world.plain.layers[0].digest)
+    assert plain_hex in os.listdir(plain_dir)
+    mark = registry.mark()
+    assert lstat_errno(plain_dir / plain_hex) == errno.ENOENT
+    assert lstat_errno(plain_dir / plain_hex) == errno.ENOENT  # remembered: no second detection
+    assert len(registry.requests_for(world.plain.layers[0].digest, since=mark)) == 1
+    assert os.listdir(plain_dir) == []
+    assert os.listdir(world.fs("plain")) == []
+    assert status(world.root)[world.sid("plain")]["layer_status"] == "not-estargz"
+
+    mixed_top = mnt / world.sid("mixed", 1)
+    assert lstat_errno(mixed_top / IMAGE_BOOT) == errno.ENOENT  # one layer of the chain is plain
+    row = status(world.root)[world.sid("mixed", 1)]
+    assert row["image_status"] == "not-estargz" and "not eStargz" in row["image_error"]
+    assert f"layer snapshot {world.sid('mixed', 0)}" in row["image_error"]
+    assert os.listdir(mixed_top) == [hex_of(world.eight.layers[3].digest)]  # image.boot no longer offered
+
+    nydus_dir = mnt / world.sid("nydus")
+    assert os.listdir(nydus_dir) == ["image"]
+    assert lstat_errno(nydus_dir / hex_of(world.eight.layers[4].digest)) == errno.ENOENT
+    assert lstat_errno(nydus_dir / IMAGE_BOOT) == errno.ENOENT
+    assert sorted(p.name for p in world.fs("nydus").rglob("*")) == ["image", "image.boot"]
+
+
+def test_escape_attempts_never_leave_root(world: World, daemons, tmp_path: Path) -> None:
+    secret = world.outside / "secret.txt"
+    before = (secret.read_bytes(), secret.stat().st_mtime_ns, sorted(os.listdir(world.outside)))
+    journal = tmp_path / "journal.jsonl"
+    slow = write_fake_nydus_image(tmp_path / "slow", journal=journal, sleep=2)
+    daemon = daemons(world.root, "--nydus-image", slow)
+    mnt = daemon.mountpoint
+
+    planted_hex = hex_of(world.eight.layers[5].digest)
+    assert stat.S_ISLNK(os.lstat(mnt / world.sid("planted") / planted_hex).st_mode)  # shown, not followed
+    assert lstat_errno(mnt / world.sid("planted") / IMAGE_BOOT) == errno.EIO  # never merged through it
+    assert world.sid("symfs") not in os.listdir(mnt)
+    assert lstat_errno(mnt / world.sid("symfs")) == errno.ENOENT
+
+    swap_fs = world.fs("swap")
+    swap_hex = hex_of(world.eight.layers[2].digest)
+    outcome: list[int] = []
+    looker = threading.Thread(target=lambda: outcome.append(lstat_errno(mnt / world.sid("swap") / swap_hex)))
+    looker.start()
+    _wait_for(lambda: len(read_journal(journal)) == 1, "the builder to start")
+    moved = swap_fs.with_name("fs.moved")
+    swap_fs.rename(moved)
+    swap_fs.symlink_to(world.outside, target_is_directory=True)  # the rename-during-lookup attack
+    looker.join(timeout=60)
+    try:
+        assert outcome == [0]
+        assert (moved / swap_hex).is_file() and (moved / "stargz.index.json").is_file()
+        assert (world.root / "cache" / f"{swap_hex}.blob.meta").is_file()
+    finally:
+        swap_fs.unlink()
+        moved.rename(swap_fs)
+    assert (secret.read_bytes(), secret.stat().st_mtime_ns, sorted(os.listdir(world.outside))) == before
+    assert read_journal(journal)[0]["ok"]
