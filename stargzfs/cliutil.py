@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from types import ModuleType
@@ -30,3 +31,8 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `stargzfs-image inspect B ls / | head`: the reader left; exit like SIGPIPE would,
+        # without a traceback, and keep the interpreter's final flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,21 @@ def test_check_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert "check(s) failed" in err and err.count("\n") == 1
     assert main(["inspect", str(damaged), "stats"]) == 5
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`inspect … | head` must not end in a BrokenPipeError traceback."""
+    toc = tmp_path / "toc.json"
+    toc.write_bytes(json.dumps({"version": 1, "entries": [
+        {"name": f"f{i:05d}", "type": "reg", "mode": 0o644} for i in range(3000)
+    ]}).encode())
+    boot = tmp_path / ("a" * 64)
+    create = [sys.executable, "-m", "stargzfs.image_cli", "create", "--source-type", "stargz_index",
+              "--bootstrap", str(boot), "--blob-id", "a" * 64, "--fs-version", "6", str(toc)]
+    subprocess.run(create, check=True)
+    pipeline = subprocess.run(
+        f"{sys.executable} -m stargzfs.image_cli inspect {boot} ls / | head -n 1",
+        shell=True, capture_output=True, text=True,
+    )
+    assert pipeline.stdout.count("\n") == 1
+    assert "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr
