@@ -411,15 +411,19 @@ def temp_name_patterns(name: str) -> bool:
 _BLOB_META_TEMP = re.compile(r"^\.[0-9a-f]{64}\.blob\.meta\.tmp-")
 
 
+def listdir_at(dir_fd: int) -> list[str]:
+    """Names in the directory behind `dir_fd` (os.listdir on an fd would consume its offset)."""
+    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.listdir(listing)
+    finally:
+        os.close(listing)
+
+
 def remove_temps(dir_fd: int) -> list[str]:
     """Delete stale temp files in one directory; returns their names."""
     removed = []
-    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        names = os.listdir(listing)
-    finally:
-        os.close(listing)
-    for name in names:
+    for name in listdir_at(dir_fd):
         if temp_name_patterns(name):
             info = lstat_at(dir_fd, name)
             if info is not None and not stat.S_ISDIR(info.st_mode):

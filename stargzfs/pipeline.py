@@ -30,6 +30,7 @@ from stargzfs.convert import (
     NotConvertible,
     convert_layer,
     detect_builder,
+    listdir_at,
     open_dir_beneath,
     remove_temps,
     temp_name_patterns,
@@ -104,12 +105,7 @@ class SnapshotRootProvider:
         except OSError:
             return
         try:
-            listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=snapshots_fd)
-            try:
-                ids = os.listdir(listing)
-            finally:
-                os.close(listing)
-            for snapshot_id in ids:
+            for snapshot_id in listdir_at(snapshots_fd):
                 try:
                     fs_fd = open_dir_beneath(snapshots_fd, [snapshot_id, "fs"])
                 except OSError:
