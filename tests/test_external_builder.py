@@ -20,12 +20,11 @@ import pytest
 
 from stargzfs.estargz.fetch import read_toc_file
 from support.fake_nydus_image import read_journal, write_fake_nydus_image
-from support.images import PushedImage, build_image
-from test_merge_kernel import stacked_layers
-from test_pipeline_e2e import (
+from support.images import PushedImage
+from support.snapshot_root import (
     IMAGE_BOOT,
     STARGZFS,
-    daemons,  # noqa: F401 - the fixture, shared
+    SnapshotRoot,
     hex_of,
     image_chain,
     image_cli_ok,
@@ -33,32 +32,21 @@ from test_pipeline_e2e import (
     status,
     write_root,
 )
+from support.stacks import stacked_image
 
 
 @dataclass
-class Root:
-    root: Path
-    ids: dict[str, str]
+class Root(SnapshotRoot):
+    """The module's root with chains of the stacked gzip and zstd images."""
+
     gzip: PushedImage
     zstd: PushedImage
-
-    def sid(self, chain: str, index: int = 0) -> str:
-        return self.ids[f"sha256:{chain}-{index}"]
-
-    def fs(self, chain: str, index: int = 0) -> Path:
-        return self.root / "snapshots" / self.sid(chain, index) / "fs"
 
 
 @pytest.fixture(scope="module")
 def ext_root(containerd, registry, image_cache, snapdb, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Root]:
-    gzip_image = image_cache.get(
-        ("test_merge_kernel", "gzip"),
-        lambda: build_image(containerd, registry, "merge-kernel/gzip", stacked_layers(), compression="gzip"),
-    )
-    zstd_image = image_cache.get(
-        ("test_merge_kernel", "zstd"),
-        lambda: build_image(containerd, registry, "merge-kernel/zstd", stacked_layers(), compression="zstd"),
-    )
+    gzip_image = stacked_image(image_cache, containerd, registry, "gzip")
+    zstd_image = stacked_image(image_cache, containerd, registry, "zstd")
     root = tmp_path_factory.mktemp("external") / "root"
     chains = {
         "v21": image_chain(gzip_image),

@@ -16,6 +16,7 @@ import pytest
 from support.fusemount import is_mounted
 from support.gohelper import Snapdb, image_chain_ops
 from support.paths import VENV_BIN
+from support.snapshot_root import pid_alive, wait_pid_gone
 
 STARGZFS = [sys.executable, "-m", "stargzfs.cli"]
 
@@ -28,27 +29,6 @@ def _daemon_pid(stderr: str) -> int:
     match = re.search(r"daemon pid (\d+)", stderr)
     assert match, stderr
     return int(match.group(1))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is gone for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait_gone(pid: int, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +52,7 @@ def daemons() -> Iterator[list[tuple[Path, int]]]:
     for mountpoint, pid in started:
         if is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
-        if not _wait_gone(pid, 15) and _pid_alive(pid):
+        if not wait_pid_gone(pid, 15) and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -99,14 +79,14 @@ def test_background_mount_is_ready_on_return_and_umount_stops_it(
     result = _cli("umount", str(mountpoint))
     assert result.returncode == 0, result.stderr
     assert not is_mounted(mountpoint)
-    assert _wait_gone(pid)
+    assert wait_pid_gone(pid)
 
 
 def test_fusermount_unmount_stops_daemon(snapshot_root: Path, tmp_path: Path, daemons: list) -> None:
     mountpoint = tmp_path / "mnt"
     pid = _mount(snapshot_root, mountpoint, daemons)
     subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
-    assert _wait_gone(pid)
+    assert wait_pid_gone(pid)
     assert not is_mounted(mountpoint)
 
 
@@ -115,7 +95,7 @@ def test_signal_unmounts_and_exits(snapshot_root: Path, tmp_path: Path, daemons:
     mountpoint = tmp_path / "mnt"
     pid = _mount(snapshot_root, mountpoint, daemons)
     os.kill(pid, signum)
-    assert _wait_gone(pid)
+    assert wait_pid_gone(pid)
     assert not is_mounted(mountpoint)
 
 

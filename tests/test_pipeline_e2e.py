@@ -10,183 +10,34 @@ snapshot chains, so the tests do not depend on each other's order.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
-import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from stargzfs.snapshots.store import (
-    LABEL_IMAGE_REF,
-    LABEL_LAYER_DIGEST,
-    LABEL_NYDUS_META_LAYER,
-    LABEL_TARGET_SNAPSHOT_REF,
-    LABEL_TOC_DIGEST,
-)
+from stargzfs.snapshots.store import LABEL_NYDUS_META_LAYER
 from support.erofs import erofs_mounted, extract_layer_tar, overlay_mounted, tree_snapshot
 from support.fake_nydus_image import read_journal, write_fake_nydus_image
 from support.images import FileSpec, PushedImage, build_image, make_layer_tar
 from support.registry import RegistryProcess
-from test_merge_kernel import stacked_layers, to_overlay_form
-
-VENV_BIN = Path(sys.executable).parent
-STARGZFS = str(VENV_BIN / "stargzfs")
-IMAGE_CLI = str(VENV_BIN / "stargzfs-image")
-IMAGE_BOOT = "image.boot"
-
-
-# ------------------------------------------------------------------------------------ daemon
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def _mounted(path: Path) -> bool:
-    wanted = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as handle:
-        return any(line.split()[4] == wanted for line in handle)
-
-
-@dataclass
-class Daemon:
-    """A `stargzfs mount` background daemon, found by the pid the CLI prints."""
-
-    mountpoint: Path
-    pid: int
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def wait_gone(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while _pid_alive(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _pid_alive(self.pid), f"daemon {self.pid} did not exit"
-
-    def stop(self) -> None:
-        if _mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-        if _mounted(self.mountpoint):
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
-        if _pid_alive(self.pid):
-            try:
-                self.wait_gone(15)
-            except AssertionError:
-                os.kill(self.pid, signal.SIGKILL)
-
-    def kill9(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        self.wait_gone()
-        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
-
-
-def start_daemon(
-    root: Path, mountpoint: Path, log: Path, *extra: str | Path, env: dict[str, str] | None = None,
-    config: dict[str, float] | None = None,
-) -> Daemon:
-    """`stargzfs mount ROOT MNT --log-file LOG …`; returns once the CLI says the mount is ready."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    argv: list[str | Path] = [STARGZFS, "mount", root, mountpoint, "--log-file", log, "--log-level", "debug", *extra]
-    if config:
-        config_path = log.with_suffix(".toml")
-        config_path.write_text("[stargzfs]\n" + "".join(f"{key} = {value}\n" for key, value in config.items()))
-        argv += ["--config", config_path]
-    done = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
-    assert done.returncode == 0, f"mount failed ({done.returncode}): {done.stderr}"
-    match = re.search(r"daemon pid (\d+)", done.stderr)
-    assert match, done.stderr
-    assert _mounted(mountpoint)
-    return Daemon(mountpoint, int(match.group(1)), log)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """start(root, *args, **kw) -> Daemon on a fresh mountpoint; all stopped at teardown."""
-    started: list[Daemon] = []
-
-    def start(root: Path, *extra: str | Path, **kwargs: object) -> Daemon:
-        number = len(started)
-        daemon = start_daemon(root, tmp_path / f"mnt{number}", tmp_path / f"daemon{number}.log", *extra,
-                              **kwargs)  # type: ignore[arg-type]
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-
-
-def status(root: Path) -> dict[str, dict]:
-    """`stargzfs status ROOT --json`, rows keyed by snapshot id."""
-    done = subprocess.run([STARGZFS, "status", str(root), "--json"], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    return {row["id"]: row for row in json.loads(done.stdout)["snapshots"]}
-
-
-def image_cli_ok(*args: str | Path) -> str:
-    done = subprocess.run([IMAGE_CLI, *map(str, args)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"stargzfs-image {args[0]}: {done.stderr}"
-    return done.stdout
-
-
-# ------------------------------------------------------------------------------------ the root
-def hex_of(digest: str) -> str:
-    return digest.split(":", 1)[1]
-
-
-@dataclass(frozen=True)
-class ChainLayer:
-    ref: str
-    digest: str
-    toc_digest: str | None = None
-    extra_labels: dict[str, str] = field(default_factory=dict)
-
-
-def chain_ops(chain: str, layers: Sequence[ChainLayer]) -> list[dict]:
-    """Prepare + Commit per layer, bottom up, with the labels nydus-snapshotter leaves."""
-    ops: list[dict] = []
-    parent = ""
-    for index, layer in enumerate(layers):
-        name = f"sha256:{chain}-{index}"
-        key = f"k8s.io/{chain}/{index}/extract {name}"
-        ops.append({"op": "active", "key": key, "parent": parent, "labels": {LABEL_TARGET_SNAPSHOT_REF: name}})
-        labels = {LABEL_IMAGE_REF: layer.ref, LABEL_LAYER_DIGEST: layer.digest, LABEL_TARGET_SNAPSHOT_REF: name}
-        if layer.toc_digest:
-            labels[LABEL_TOC_DIGEST] = layer.toc_digest
-        labels.update(layer.extra_labels)
-        ops.append({"op": "commit", "key": key, "name": name, "labels": labels, "size": 4096, "inodes": 3})
-        parent = name
-    return ops
-
-
-def image_chain(image: PushedImage, ref: str | None = None) -> list[ChainLayer]:
-    return [ChainLayer(ref or image.ref, layer.digest, layer.toc_digest) for layer in image.layers]
-
-
-def write_root(snapdb, root: Path, chains: dict[str, list[ChainLayer]], extra_ops: Sequence[dict] = ()) -> dict[str, str]:
-    """metadata.db via containerd's code + one fs dir per snapshot; returns name -> id."""
-    root.mkdir(parents=True, exist_ok=True)
-    db = root / "metadata.db"
-    transaction = [op for chain, layers in chains.items() for op in chain_ops(chain, layers)]
-    snapdb.apply(db, [transaction + list(extra_ops)])
-    ids = {row["name"]: row["id"] for row in snapdb.list(db)}
-    for snapshot_id in ids.values():
-        (root / "snapshots" / snapshot_id / "fs").mkdir(parents=True, exist_ok=True)
-    return ids
+from support.snapshot_root import (
+    IMAGE_BOOT,
+    ChainLayer,
+    SnapshotRoot,
+    hex_of,
+    image_chain,
+    image_cli_ok,
+    lstat_errno,
+    status,
+    write_root,
+)
+from support.stacks import stacked_image, stacked_layers, stacked_overlay_lowers
 
 
 def eight_layers() -> list[list[FileSpec]]:
@@ -197,9 +48,9 @@ def eight_layers() -> list[list[FileSpec]]:
 
 
 @dataclass
-class World:
-    root: Path
-    ids: dict[str, str]  # snapshot name -> id
+class World(SnapshotRoot):
+    """The module's one root, the images its chains come from, and the escape-bait dirs."""
+
     gzip: PushedImage
     zstd: PushedImage
     eight: PushedImage
@@ -208,23 +59,11 @@ class World:
     outside: Path  # a dir outside ROOT the daemon must never write to
     work: Path
 
-    def sid(self, chain: str, index: int = 0) -> str:
-        return self.ids[f"sha256:{chain}-{index}"]
-
-    def fs(self, chain: str, index: int = 0) -> Path:
-        return self.root / "snapshots" / self.sid(chain, index) / "fs"
-
 
 @pytest.fixture(scope="module")
 def world(containerd, registry, image_cache, snapdb, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    gzip_image = image_cache.get(
-        ("test_merge_kernel", "gzip"),
-        lambda: build_image(containerd, registry, "merge-kernel/gzip", stacked_layers(), compression="gzip"),
-    )
-    zstd_image = image_cache.get(
-        ("test_merge_kernel", "zstd"),
-        lambda: build_image(containerd, registry, "merge-kernel/zstd", stacked_layers(), compression="zstd"),
-    )
+    gzip_image = stacked_image(image_cache, containerd, registry, "gzip")
+    zstd_image = stacked_image(image_cache, containerd, registry, "zstd")
     eight = image_cache.get(
         ("test_pipeline_e2e", "eight"),
         lambda: build_image(containerd, registry, "pipeline-e2e/eight", eight_layers(), compression="gzip"),
@@ -281,19 +120,6 @@ def layer_oracle(work: Path, name: str, files: list[FileSpec]) -> Path:
     return target
 
 
-def overlay_oracle(work: Path) -> list[Path]:
-    """The stacked layers as overlayfs lowers, top first (built once per module run)."""
-    base = work / "overlay-oracle"
-    if not base.exists():
-        extracted: list[Path] = []
-        for number, files in enumerate(stacked_layers()):
-            layer_root = base / f"layer{number}"
-            extract_layer_tar(make_layer_tar(files, base / f"layer{number}.tar"), layer_root)
-            to_overlay_form(layer_root, extracted)
-            extracted.append(layer_root)
-    return [base / f"layer{number}" for number in reversed(range(len(stacked_layers())))]
-
-
 def device_for(work: Path, image: PushedImage, index: int, blob_meta: Path) -> Path:
     """Materialize one layer's blob cache (the erofs `device=`) from its blob.meta."""
     layer = image.layers[index]
@@ -308,20 +134,12 @@ def device_for(work: Path, image: PushedImage, index: int, blob_meta: Path) -> P
 def compare_merged(world: World, image: PushedImage, merged: Path, metas: dict[int, Path]) -> None:
     """The merged bootstrap on the kernel's erofs == overlayfs of the extracted layers."""
     devices = [device_for(world.work, image, index, metas[index]) for index in sorted(metas)]
-    with overlay_mounted(overlay_oracle(world.work)) as view:
+    with overlay_mounted(stacked_overlay_lowers(world.work / "overlay-oracle")) as view:
         expected = tree_snapshot(view, uid_gid=False)
     with erofs_mounted(merged, devices) as mounted:
         actual = tree_snapshot(mounted, uid_gid=False)
     expected.pop("/"), actual.pop("/")
     assert actual == expected
-
-
-def lstat_errno(path: Path) -> int:
-    try:
-        os.lstat(path)
-    except OSError as exc:
-        return exc.errno
-    return 0
 
 
 # ------------------------------------------------------------------------------------ tests

@@ -7,7 +7,6 @@ extraction of the very tar the image was made from.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -15,7 +14,7 @@ import random
 import re
 import stat
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,13 @@ from stargzfs.estargz.toc import HIDDEN_ROOT_NAMES, parse_toc
 from stargzfs.rafs.blobmeta import blob_meta_header_for, decode_blob_meta
 from support.erofs import erofs_mounted, extract_layer_tar, fsck_erofs, tree_snapshot
 from support.images import FileSpec, build_image, make_layer_tar
-from support.paths import NYDUS_FIXTURES, VENV_BIN
+from support.paths import NYDUS_FIXTURES
+from support.snapshot_root import image_cli
 
-IMAGE_CLI = str(VENV_BIN / "stargzfs-image")
 EMPTY_ID = "db30bb2870067ed3e0e73c7448d9f0b529169da8295b5b5155b417624d861d81"
 LOWER_ID = "e81a6dbddf425e3082f158ff1d80f2adab1dde8dad0b8c4ca43c1bad339f4ec5"
 UPPER_ID = "5aabe268d8139e952bfff14b2dd0f43fcfef4f2c38b63ea782486ce7268d4954"
 FOUR_MIB = 4 << 20
-
-
-def image_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([IMAGE_CLI, *map(str, args)], capture_output=True, text=True, check=False)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:

@@ -234,29 +234,18 @@ class Containerd:
         for binary in (CONTAINERD_BINARY, CTR_BINARY):
             if shutil.which(binary) is None:
                 raise RuntimeError(f"{binary} not found (apt-get install containerd stargz-snapshotter)")
-        from .registry import die_with_parent_hook  # noqa: PLC0415 - see the TYPE_CHECKING note
+        from .registry import DaemonStartError, spawn_daemon  # noqa: PLC0415 - see the TYPE_CHECKING note
 
         self._write_config()
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                [CONTAINERD_BINARY, "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                preexec_fn=die_with_parent_hook(),
+        try:
+            self._process = spawn_daemon(
+                [CONTAINERD_BINARY, "--config", str(self.config_path)], self.log_path, self.log_path,
+                ready=self._socket_answers, readiness=f"open {self.socket}", timeout=_START_TIMEOUT_S,
             )
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._process = None
-                raise RuntimeError(f"containerd exited at start: {self._log_tail()}")
-            if self._socket_answers():
-                self.ctr("version")
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"containerd did not open {self.socket} within {_START_TIMEOUT_S}s")
+        except DaemonStartError:
+            self.stop()  # removes the private socket dir
+            raise
+        self.ctr("version")
 
     def _socket_answers(self) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -266,23 +255,13 @@ class Containerd:
                 return False
         return True
 
-    def _log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except FileNotFoundError:
-            return "(no log)"
-        return " | ".join(lines[-3:]) or "(empty log)"
-
     def stop(self) -> None:
         """Terminate and reap only our own daemon."""
+        from .registry import stop_process  # noqa: PLC0415 - see the TYPE_CHECKING note
+
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, 15)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 

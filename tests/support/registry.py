@@ -96,6 +96,64 @@ def die_with_parent_hook() -> Callable[[], None] | None:
     return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
+class DaemonStartError(RuntimeError):
+    """A test daemon exited while starting or was not ready in time; `.log_tail` is its stderr's end."""
+
+    def __init__(self, message: str, log_tail: str) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    """The last lines of a daemon's log on one line, for error messages."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Terminate and reap one child of ours; SIGKILL when it outlives `timeout`."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def spawn_daemon(
+    argv: list[str], stdout_path: Path, stderr_path: Path, *, ready: Callable[[], bool], readiness: str,
+    timeout: float,
+) -> subprocess.Popen[bytes]:
+    """Start a daemon in its own session with its output appended to log files; return it once
+    `ready()` holds. Raises DaemonStartError when it exits first, or (after stopping it) when
+    `timeout` passes; `readiness` says what was awaited ("open /x/sock")."""
+    name = Path(argv[0]).name
+    with open(stdout_path, "ab") as stdout, open(stderr_path, "ab") as stderr:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,  # both O_APPEND: the same file for both streams interleaves cleanly
+            start_new_session=True,
+            preexec_fn=die_with_parent_hook(),
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_tail(stderr_path)
+            raise DaemonStartError(f"{name} exited at start: {tail}", tail)
+        if ready():
+            return process
+        time.sleep(0.02)
+    stop_process(process, _STOP_TIMEOUT_S)
+    raise DaemonStartError(f"{name} did not {readiness} within {timeout}s", log_tail(stderr_path))
+
+
 def make_htpasswd(path: Path, user: str, password: str) -> Path:
     """Write a one-user bcrypt htpasswd file that docker-registry accepts.
 
@@ -215,51 +273,27 @@ class RegistryProcess:
     def _spawn_and_wait(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
-        with open(self.access_log_path, "ab") as access, open(self.error_log_path, "ab") as errors:
-            self._process = subprocess.Popen(
-                [REGISTRY_BINARY, "serve", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=access,
-                stderr=errors,
-                start_new_session=True,
-                preexec_fn=die_with_parent_hook(),
-            )
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._process = None
-                tail = self._error_tail()
-                if "address already in use" in tail:
-                    raise _PortTaken(tail)
-                raise RuntimeError(f"docker-registry exited at start: {tail}")
-            try:
-                response = httpx.get(f"{self.url}/v2/", timeout=1.0)
-                if response.status_code in (200, 401):
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"docker-registry did not answer on {self.url} within {_START_TIMEOUT_S}s")
-
-    def _error_tail(self) -> str:
         try:
-            lines = self.error_log_path.read_text(errors="replace").strip().splitlines()
-        except FileNotFoundError:
-            return "(no log)"
-        return " | ".join(lines[-3:]) or "(empty log)"
+            self._process = spawn_daemon(
+                [REGISTRY_BINARY, "serve", str(self.config_path)], self.access_log_path, self.error_log_path,
+                ready=self._answers, readiness=f"answer on {self.url}", timeout=_START_TIMEOUT_S,
+            )
+        except DaemonStartError as failed:
+            if "address already in use" in failed.log_tail:
+                raise _PortTaken(failed.log_tail) from None
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/v2/", timeout=1.0).status_code in (200, 401)
+        except httpx.TransportError:
+            return False
 
     def stop(self) -> None:
         """Terminate and reap only our own process."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, _STOP_TIMEOUT_S)
 
     def set_auth(self, *, htpasswd: Path | None = None, token_auth: dict | None = None) -> None:
         """Switch auth mode (None/None = anonymous); restarts on the same port and data if running.
