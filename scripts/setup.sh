@@ -1,8 +1,10 @@
 # Sourced by scripts/test.sh, demo.sh and mount.sh: apt packages + .venv, both idempotent.
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc docker-registry containerd runc
+# python3-venv/-dev: a fresh Debian 12 has neither, and pyfuse3 builds from source (no wheel).
+# openssl: the Bearer token server in the tests signs JWTs with it.
+APT_PACKAGES=(python3 python3-venv python3-dev fuse3 libfuse3-dev pkg-config gcc openssl ca-certificates
+  tar util-linux docker-registry containerd runc
   stargz-snapshotter erofs-utils golang-go golang-github-containerd-containerd-dev
-  golang-github-coreos-bbolt-dev bindfs
-  attr tree curl)
+  golang-github-coreos-bbolt-dev bindfs)
 
 stargzfs_setup() {
   local missing=() p
