@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from stargzfs.errors import StargzfsError
 from stargzfs.image_cli import main
+from support.toc_cases import REJECTIONS
 from support.paths import NYDUS_FIXTURES, VENV_BIN
 
 LOWER_ID = "e81a6dbddf425e3082f158ff1d80f2adab1dde8dad0b8c4ca43c1bad339f4ec5"
@@ -148,3 +150,18 @@ def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
     )
     assert pipeline.stdout.count("\n") == 1
     assert "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr
+
+
+@pytest.mark.parametrize("raw, error, words", [(r[3], r[1], r[2]) for r in REJECTIONS],
+                         ids=[r[0] for r in REJECTIONS])
+def test_every_rejection_through_the_cli(raw: bytes, error: type[StargzfsError], words: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """What the pipeline sees: the error's exit code, one stderr line, and no OUT or META at all."""
+    toc = tmp_path / "toc.json"
+    toc.write_bytes(raw)
+    out, meta = tmp_path / "out" / "boot", tmp_path / "out" / "meta"
+    out.parent.mkdir()
+    assert main(seed_argv(out, meta, toc)) == error.exit_code
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert list(out.parent.iterdir()) == []

@@ -34,6 +34,7 @@ from stargzfs.rafs.ondisk import (
 from stargzfs.rafs.reader import BootstrapReader
 from support.erofs import erofs_mounted, fsck_erofs, tree_snapshot
 from support.paths import NYDUS_FIXTURES
+from support.toc_cases import REJECTIONS, toc_bytes
 
 EMPTY_ID = "db30bb2870067ed3e0e73c7448d9f0b529169da8295b5b5155b417624d861d81"
 LOWER_ID = "e81a6dbddf425e3082f158ff1d80f2adab1dde8dad0b8c4ca43c1bad339f4ec5"
@@ -305,44 +306,6 @@ def test_duplicate_path_later_wins_and_keeps_children() -> None:
 
 # --- rejections --------------------------------------------------------------------------
 
-def _toc(*entries: dict) -> bytes:
-    return json.dumps({"version": 1, "entries": list(entries)}).encode()
-
-
-REJECTIONS = [
-    ("1 MiB chunks at --chunk-size 4 MiB", UnsupportedError, "does not match --chunk-size",
-     _toc({"name": "f", "type": "reg", "size": 2 * MIB, "offset": 10, "chunkSize": MIB},
-          {"name": "f", "type": "chunk", "offset": 100, "chunkOffset": MIB})),
-    ("innerOffset", UnsupportedError, "innerOffset",
-     _toc({"name": "a", "type": "reg", "size": 5, "offset": 10},
-          {"name": "b", "type": "reg", "size": 5, "offset": 10, "innerOffset": 512})),
-    ("offsets out of order", UnsupportedError, "out of order",
-     _toc({"name": "a", "type": "reg", "size": 5, "offset": 100},
-          {"name": "b", "type": "reg", "size": 5, "offset": 50})),
-    ("missing hardlink target", FormatError, "does not exist",
-     _toc({"name": "h", "type": "hardlink", "linkName": "nowhere"})),
-    ("hardlink chain to missing", FormatError, "does not exist",
-     _toc({"name": "h1", "type": "hardlink", "linkName": "h2"},
-          {"name": "h2", "type": "hardlink", "linkName": "gone"})),
-    ("hardlink loop", FormatError, "loop",
-     _toc({"name": "h1", "type": "hardlink", "linkName": "h2"},
-          {"name": "h2", "type": "hardlink", "linkName": "h1"})),
-    ("hardlink to a directory", FormatError, "is a directory",
-     _toc({"name": "d/", "type": "dir"}, {"name": "h", "type": "hardlink", "linkName": "d"})),
-    ("bad xattr namespace", UnsupportedError, "xattr",
-     _toc({"name": "f", "type": "reg", "xattrs": {"system.foo": "eA=="}})),
-    ("invalid base64 xattr", FormatError, "base64",
-     _toc({"name": "f", "type": "reg", "xattrs": {"user.a": "!!!"}})),
-    ("name too long", UnsupportedError, "255",
-     _toc({"name": "x" * 256, "type": "reg"})),
-    ("file used as directory", FormatError, "not one",
-     _toc({"name": "f", "type": "reg"}, {"name": "f/g", "type": "reg"})),
-    ("hole in chunks", UnsupportedError, "chunk",
-     _toc({"name": "f", "type": "reg", "size": 9 * MIB, "offset": 10, "chunkSize": 4 * MIB},
-          {"name": "f", "type": "chunk", "offset": 100, "chunkOffset": 8 * MIB})),
-]
-
-
 @pytest.mark.parametrize("raw, error, words", [(r[3], r[1], r[2]) for r in REJECTIONS],
                          ids=[r[0] for r in REJECTIONS])
 def test_rejections(raw: bytes, error: type[Exception], words: str) -> None:
@@ -353,7 +316,7 @@ def test_rejections(raw: bytes, error: type[Exception], words: str) -> None:
 def test_too_many_chunk_references(monkeypatch: pytest.MonkeyPatch) -> None:
     """The v2.1 blob.meta limit (0xFFFFF) lowered to 2 so the test stays small."""
     monkeypatch.setattr(from_toc, "MAX_ENTRIES", 2)
-    raw = _toc(*({"name": f"f{i}", "type": "reg", "size": 1, "offset": 10 + i} for i in range(3)))
+    raw = toc_bytes(*({"name": f"f{i}", "type": "reg", "size": 1, "offset": 10 + i} for i in range(3)))
     with pytest.raises(UnsupportedError, match="at most 2"):
         build_bootstrap(parse_toc(raw), blob_id=CRAFTED_ID)
 
@@ -366,4 +329,4 @@ def test_too_many_chunk_references(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 def test_bad_parameters(kwargs: dict, words: str) -> None:
     with pytest.raises(UsageError, match=words):
-        build_bootstrap(parse_toc(_toc()), **kwargs)
+        build_bootstrap(parse_toc(toc_bytes()), **kwargs)
