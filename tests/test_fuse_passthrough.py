@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from stargzfs.fuse.inodes import InodeTable
 from support.fusemount import RunningMount, start_mount
 
 BIG_DIR_ENTRIES = 5000
@@ -342,11 +343,7 @@ def test_virtual_names_listed_temps_hidden_and_errors_mapped(fuse_mount, tmp_pat
 
 
 def test_slow_materialize_does_not_block_other_requests(fuse_mount, tmp_path: Path) -> None:
-    """Other dirs, the root and already-known names keep answering during a conversion.
-
-    (New names in the *same* dir wait: libfuse 3.14 does not negotiate parallel dirops
-    and pyfuse3 cannot ask for it, so the kernel serializes lookups per directory.)
-    """
+    """Other dirs, the root and already-known names keep answering during a conversion."""
     spec = _lazy_root(tmp_path, delay=3.0)
     other = Path(spec["root"]) / "snapshots" / "2" / "fs"
     other.mkdir(parents=True)
@@ -368,6 +365,73 @@ def test_slow_materialize_does_not_block_other_requests(fuse_mount, tmp_path: Pa
         assert "end 1/lazy" not in _journal(spec)
         assert pending.result(timeout=60) == "materialized 1/lazy\n"
     assert again == known and fresh == list(range(20)) and contents == "3\n" and tops == ["1", "2"]
+
+
+def test_conversion_holds_up_no_other_name_or_listing_in_its_dir(fuse_mount, tmp_path: Path) -> None:
+    """Issue #6: while `lazy` converts (3 s), its own dir keeps answering.
+
+    The kernel serialises LOOKUP and READDIR per directory (libfuse 3.14 never sends
+    FUSE_PARALLEL_DIROPS) and READDIRPLUS waits for a name still being looked up, so the
+    names used here are ones the kernel has never resolved: each needs a real LOOKUP in
+    MNT/1/ while `lazy` is converting.
+    """
+    spec = _lazy_root(tmp_path, delays={"lazy": 3.0, "quick": 0.1})
+    spec["virtual"]["1"].append("quick")
+    running = fuse_mount(spec)
+    m = running.mountpoint / "1"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(lambda: (m / "lazy").read_text())
+        while "start 1/lazy" not in _journal(spec):
+            os.sched_yield()
+        fresh = [os.stat(m / f"plain-{index}").st_size for index in range(20)]
+        listing = os.listdir(m)
+        quick = (m / "quick").read_text()
+        meanwhile = _journal(spec)
+        assert slow.result(timeout=60) == "materialized 1/lazy\n"
+    # Everything above was answered while `lazy` was still converting: its end comes last.
+    assert meanwhile == ["start 1/lazy", "start 1/quick", "end 1/quick"]
+    assert _journal(spec) == meanwhile + ["end 1/lazy"]
+    assert fresh == [len(f"{index}\n") for index in range(20)] and quick == "materialized 1/quick\n"
+    assert {"lazy", "quick", "broken", "missing", "plain-0"} <= set(listing)
+    # The number the kernel got for the placeholder now stands for the converted file.
+    listed = {entry.name: entry.inode() for entry in os.scandir(m)}
+    assert os.stat(m / "lazy").st_ino == listed["lazy"] == os.stat(m / "lazy").st_ino
+    assert os.stat(m / "quick").st_ino == listed["quick"] != listed["lazy"]
+
+
+def test_promoted_placeholder_stands_for_the_new_file(tmp_path: Path) -> None:
+    """Inode-table bookkeeping behind the test above, including the hard-link corner."""
+    table = InodeTable()
+    top_dir = os.open(tmp_path, os.O_PATH)
+    top = table.adopt(top_dir, os.fstat(top_dir))
+    table.ref(top)
+    first = table.placeholder(top, "t", "lazy")
+    table.ref(first)
+    (tmp_path / "lazy").write_text("x")
+    fd = os.open(tmp_path / "lazy", os.O_PATH)
+    table.promote(first, fd, os.fstat(fd))
+    assert first.fd == fd and first.placeholder is None
+    again = os.open(tmp_path / "lazy", os.O_PATH)
+    assert table.adopt(again, os.fstat(again)) is first  # a later lookup gets the same number
+    spare = os.open(tmp_path / "lazy", os.O_PATH)
+    table.promote(first, spare, os.fstat(spare))  # a second waiter: no-op, closes its fd
+    with pytest.raises(OSError):
+        os.fstat(spare)
+    # The name disappears and is listed again: a new placeholder, never the old number.
+    fresh = table.placeholder(top, "t", "lazy")
+    assert fresh is not first and fresh.number != first.number
+    # Promoting onto a file another inode already stands for: reads through its own fd.
+    table.ref(fresh)
+    other = os.open(tmp_path / "lazy", os.O_PATH)
+    table.promote(fresh, other, os.fstat(other))
+    assert fresh.fd == other and fresh.key is None
+    probe = os.open(tmp_path / "lazy", os.O_PATH)
+    assert table.adopt(probe, os.fstat(probe)) is first
+    table.forget(fresh.number, 1)
+    with pytest.raises(OSError):
+        os.fstat(other)
+    assert table.get(first.number) is first
+    table.close_all()
 
 
 def test_parallel_lookups_of_one_virtual_name(fuse_mount, tmp_path: Path) -> None:

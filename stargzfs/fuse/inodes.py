@@ -97,6 +97,30 @@ class InodeTable:
         self._by_key[key] = inode
         return inode
 
+    def promote(self, inode: Inode, fd: int, st: os.stat_result) -> None:
+        """Bind a placeholder to the file now created under its name; takes ownership of `fd`.
+
+        The kernel keeps using the placeholder's number for that name, so from now on the
+        number stands for the real file: later lookups of the file return this same inode
+        unless another inode already represents it (then this one just reads through `fd`).
+        """
+        if inode.fd is not None or self._live.get(inode.number) is not inode:
+            os.close(fd)  # promoted by a concurrent request, or forgotten meanwhile
+            return
+        inode.fd = fd
+        inode.is_symlink = (st.st_mode & 0o170000) == 0o120000
+        inode.placeholder = None
+        if inode.key is not None and self._by_key.get(inode.key) is inode:
+            del self._by_key[inode.key]
+            self._numbers.pop(inode.key, None)  # a later placeholder of that name gets a fresh number
+        key: RealKey = (st.st_dev, st.st_ino)
+        if key in self._by_key:
+            inode.key = None
+            return
+        inode.key = key
+        self._by_key[key] = inode
+        self._numbers[key] = inode.number
+
     def ref(self, inode: Inode) -> None:
         inode.lookups += 1
 

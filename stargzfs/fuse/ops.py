@@ -5,6 +5,11 @@ names are resolved one component at a time with openat() relative to the parent'
 attributes come from fstat() on that fd; files are opened by re-opening
 /proc/self/fd/<fd>. No request ever resolves a multi-component path from ROOT, so symlinks
 and renames inside the real dirs cannot make the daemon read or write outside ROOT.
+
+Names the provider lists before they exist are placeholder inodes (no fd): a lookup
+answers at once, and the first GETATTR/OPEN/SETATTR waits for provider.materialize and
+then binds the placeholder to the new file, so a conversion never holds the kernel's
+per-directory lookup/readdir lock.
 """
 
 from __future__ import annotations
@@ -202,7 +207,7 @@ class PassthroughOperations(pyfuse3.Operations):
         return attrs
 
     def _placeholder_attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        """A listed-but-missing file: zero timeouts so every access comes back to lookup."""
+        """A listed-but-missing file: zero timeouts so every access comes back to us (see _backed)."""
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = inode.number
         attrs.entry_timeout = 0
@@ -271,7 +276,7 @@ class PassthroughOperations(pyfuse3.Operations):
         return inode, attrs
 
     async def _materialize(self, parent: Inode, top: str, name: str) -> None:
-        """Await provider.materialize in a task of its own (never cancelled by a lookup)."""
+        """Await provider.materialize in a task of its own (never cancelled by the waiting request)."""
         if self._nursery is None:
             await self.provider.materialize(top, name)
         else:
@@ -281,7 +286,7 @@ class PassthroughOperations(pyfuse3.Operations):
             async def run() -> None:
                 try:
                     await self.provider.materialize(top, name)
-                except Exception as exc:  # noqa: BLE001 - handed to the waiting lookup
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting request
                     outcome.append(exc)
                 finally:
                     done.set()
@@ -291,6 +296,33 @@ class PassthroughOperations(pyfuse3.Operations):
             if outcome:
                 raise outcome[0]
         self._invalidate_attrs(parent)
+
+    async def _backed(self, node: Inode) -> Inode:
+        """`node` with a real file behind it: a placeholder waits here for its conversion.
+
+        Only requests on the placeholder inode itself (GETATTR, OPEN, SETATTR) wait, never
+        a LOOKUP: the kernel runs LOOKUP and READDIR of a directory under that directory's
+        lock (libfuse 3.14 cannot negotiate FUSE_PARALLEL_DIROPS) and READDIRPLUS also
+        waits for any name still being looked up, so a lookup awaiting a conversion would
+        stall every new name and every listing in MNT/<top>/.
+        """
+        if node.fd is not None or node.placeholder is None:
+            return node
+        top, name = node.placeholder
+        parent = self.inodes.find_top(top)
+        if parent is None or parent.fd is None:
+            raise _fail(errno.ESTALE)
+        await self._materialize(parent, top, name)
+        fd = os.open(name, _LOOKUP_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.inodes.promote(node, fd, st)
+        if node.fd is None:
+            raise _fail(errno.ESTALE)  # the kernel forgot the placeholder meanwhile
+        return node
 
     # ----------------------------------------------------------------- lookups
     @_errno_boundary
@@ -313,8 +345,10 @@ class PassthroughOperations(pyfuse3.Operations):
         except FileNotFoundError:
             if top is None or text not in self.provider.virtual_names(top):
                 raise
-            await self._materialize(parent, top, text)
-            fd = os.open(name, _LOOKUP_FLAGS, dir_fd=parent.fd)
+            # Answer at once; the first GETATTR/OPEN of it waits for the conversion (_backed).
+            placeholder = self.inodes.placeholder(parent, top, text)
+            self.inodes.ref(placeholder)
+            return self._placeholder_attrs(placeholder)
         inode, attrs = self._entry(fd)
         self.inodes.ref(inode)
         return attrs
@@ -331,9 +365,7 @@ class PassthroughOperations(pyfuse3.Operations):
         node = self._inode(inode)
         if node.number == ROOT_NUMBER:
             return self._root_attrs()
-        if node.fd is None:
-            return self._placeholder_attrs(node)
-        return self._real_attrs(node)
+        return self._real_attrs(await self._backed(node))
 
     @_errno_boundary
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
@@ -426,10 +458,11 @@ class PassthroughOperations(pyfuse3.Operations):
     @_errno_boundary
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         node = self._inode(inode)
-        if node.fd is None:
-            raise _fail(errno.ESTALE if node.placeholder else errno.EISDIR)
         if flags & _WRITE_FLAGS and not self.writable:
             raise _fail(errno.EROFS)
+        node = await self._backed(node)
+        if node.fd is None:
+            raise _fail(errno.EISDIR)
         fd = os.open(node.proc_path, (flags & ~_STRIP_ON_OPEN) | os.O_CLOEXEC)
         return pyfuse3.FileInfo(fh=fd)
 
@@ -626,8 +659,9 @@ class PassthroughOperations(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: int | None, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
         self._require_writable()
-        node = self._real(inode)
-        assert node.fd is not None
+        node = await self._backed(self._inode(inode))
+        if node.fd is None:
+            raise _fail(errno.EROFS)
         if fields.update_mode:
             if node.is_symlink:
                 raise _fail(errno.EOPNOTSUPP)

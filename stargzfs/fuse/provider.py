@@ -38,9 +38,11 @@ class Provider(Protocol):
     async def materialize(self, top: str, name: str) -> None:
         """Create MNT/<top>/<name> for real, or raise OSError(errno.ENOENT/EIO, ...).
 
-        Awaited on lookup of a virtual name that does not exist yet, in its own task, so
-        it never blocks other FUSE requests. Several lookups of one name can await at
-        once: de-duplicating the work (single-flight) is the provider's job.
+        A lookup of a virtual name that does not exist yet answers at once with a
+        placeholder; the first GETATTR/OPEN of it awaits this, in its own task, so it
+        never blocks other FUSE requests (not even lookups or listings of the same dir).
+        Several requests for one name can await at once: de-duplicating the work
+        (single-flight) is the provider's job.
         """
         ...
 

@@ -6,8 +6,8 @@ READY_FD once the kernel mount exists. Providers:
 
 - "snapshot_root": the real SnapshotRootProvider over ROOT/metadata.db;
 - "static": fixed top dirs, plus optional virtual names whose materialize writes the file
-  after `delay` seconds, logging "start"/"end" lines to a journal file so tests can see
-  how many conversions ran and in what order; `single_flight` de-duplicates concurrent
+  after `delay` seconds (or `delays[name]`), logging "start"/"end" lines to a journal file
+  so tests can see how many conversions ran and in what order; `single_flight` de-duplicates concurrent
   materialize calls the way the real pipeline must.
 """
 
@@ -43,6 +43,7 @@ class StaticProvider:
         self._virtual: dict[str, list[str]] = spec.get("virtual", {})
         self._hidden_prefixes = tuple(spec.get("hidden_prefixes", ("converting-stargz", "merging-stargz")))
         self._delay = float(spec.get("delay", 0.0))
+        self._delays: dict[str, float] = {k: float(v) for k, v in spec.get("delays", {}).items()}
         self._journal = Path(spec["journal"]) if spec.get("journal") else None
         self._fail: dict[str, int] = {k: getattr(errno, v) for k, v in spec.get("fail", {}).items()}
         self._single_flight = bool(spec.get("single_flight", True))
@@ -75,7 +76,7 @@ class StaticProvider:
         self._inflight[key] = done
         try:
             self._log(f"start {top}/{name}")
-            await trio.sleep(self._delay)
+            await trio.sleep(self._delays.get(name, self._delay))
             if name in self._fail:
                 self._log(f"fail {top}/{name}")
                 raise OSError(self._fail[name], f"materialize {name} failed on purpose")
