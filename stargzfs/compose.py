@@ -61,10 +61,11 @@ async def compose_image(
         for layer in layers_base_first[:-1]:
             meta = f"{layer.layer_hex}.blob.meta"
             if is_regular_at(layer.fs_dir_fd, meta) and lstat_at(top_fs_fd, meta) is None:
-                copy_file_at(layer.fs_dir_fd, meta, top_fs_fd, meta)
+                await trio.to_thread.run_sync(copy_file_at, layer.fs_dir_fd, meta, top_fs_fd, meta)
     if len(layers_base_first) == 1:
         only = layers_base_first[0]
-        return copy_file_at(only.fs_dir_fd, only.layer_hex, top_fs_fd, IMAGE_BOOT)
+        # a copy + fsync of a bootstrap blocks: the daemon's event loop must keep serving meanwhile
+        return await trio.to_thread.run_sync(copy_file_at, only.fs_dir_fd, only.layer_hex, top_fs_fd, IMAGE_BOOT)
     temp = f"{MERGE_TEMP_PREFIX}{secrets.token_hex(6)}"
     argv = builder.merge_argv(
         bootstrap=proc_path(top_fs_fd, temp),
@@ -76,6 +77,6 @@ async def compose_image(
             await run_builder(argv, sorted(fds), f"merging {len(layers_base_first)} layers")
         if lstat_at(top_fs_fd, temp) is None:
             raise ConversionError(f"{builder.name} merge wrote no bootstrap")
-        return publish(top_fs_fd, temp, IMAGE_BOOT)
+        return await trio.to_thread.run_sync(publish, top_fs_fd, temp, IMAGE_BOOT)
     finally:
         unlink_quietly(top_fs_fd, temp)

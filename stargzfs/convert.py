@@ -32,6 +32,7 @@ import trio
 from stargzfs.errors import NotEstargzError, StargzfsError, UnsupportedError, UsageError
 from stargzfs.estargz.fetch import fetch_toc
 from stargzfs.registry import RegistryClient, parse_reference
+from stargzfs.registry.auth import CredentialCache
 from stargzfs.snapshots.store import Snapshot
 
 log = logging.getLogger(__name__)
@@ -343,12 +344,15 @@ async def convert_layer(
     plan: ConversionPlan,
     *,
     client: RegistryClient,
+    credentials: CredentialCache,
     builder: Builder,
     builder_slots: trio.CapacityLimiter,
 ) -> bool:
     """Produce `<hex>` in the snapshot's fs dir; False when it already existed.
 
-    Raises NotConvertible (not eStargz / not for this builder) or ConversionError.
+    Raises NotConvertible (not eStargz / not for this builder) or ConversionError. Anything
+    that blocks (credential helpers, writing + fsyncing a TOC of up to 150 MiB) runs in a
+    worker thread: this runs on the daemon's event loop, which must keep serving meanwhile.
     """
     snapshot = plan.snapshot
     layer_hex = snapshot.layer_hex
@@ -365,7 +369,8 @@ async def convert_layer(
     digest = f"sha256:{layer_hex}"
     try:
         reference = parse_reference(image_ref)
-        blob = client.blob(reference, digest, labels=snapshot.labels)
+        found = await credentials.resolve(reference, snapshot.labels)
+        blob = client.blob(reference, digest, credentials=found, resolved=True)
         result = await fetch_toc(blob, expected_digest=snapshot.toc_digest)
     except (NotEstargzError, UnsupportedError) as exc:
         raise NotConvertible(str(exc)) from None
@@ -375,7 +380,7 @@ async def convert_layer(
     if compression != "gzip" and not builder.supports_zstd:
         raise NotConvertible(f"{compression} eStargz layer: {builder.name} converts gzip eStargz only")
 
-    write_file_at(fs_fd, TOC_FILE, result.raw)
+    await trio.to_thread.run_sync(write_file_at, fs_fd, TOC_FILE, result.raw)
     meta_fd = plan.blob_meta_dir_fd
     meta_name = f"{layer_hex}.blob.meta"
     meta_info = lstat_at(meta_fd, meta_name)
@@ -395,10 +400,34 @@ async def convert_layer(
             await run_builder(argv, (fs_fd, meta_fd), f"converting layer {digest}")
         if lstat_at(fs_fd, temp) is None:
             raise ConversionError(f"converting layer {digest}: {builder.name} wrote no bootstrap")
-        publish(fs_fd, temp, layer_hex)
+        await trio.to_thread.run_sync(publish, fs_fd, temp, layer_hex)
     finally:
         unlink_quietly(fs_fd, temp)
     return True
+
+
+def copy_layer_outputs(src_fs_fd: int, dst_fs_fd: int, layer_hex: str, *, with_blob_meta: bool) -> bool:
+    """Give another snapshot of the same layer digest the outputs one conversion produced.
+
+    Blocking (reflink or copy + fsync): call in a worker thread. The TOC (and with fscache the
+    fs-dir `<hex>.blob.meta`) come first, the bootstrap last, since `<hex>` present means done.
+    False when the destination already had its bootstrap; ConversionError when the source
+    lacks a regular bootstrap or TOC.
+    """
+    names = [TOC_FILE, layer_hex]
+    meta = f"{layer_hex}.blob.meta"
+    if with_blob_meta and is_regular_at(src_fs_fd, meta):
+        names.insert(1, meta)
+    for name in names:
+        if not is_regular_at(src_fs_fd, name):
+            raise ConversionError(f"no regular {name} to copy from")
+    for name in names[:-1]:
+        existing = lstat_at(dst_fs_fd, name)
+        if existing is not None and not stat.S_ISREG(existing.st_mode):
+            unlink_quietly(dst_fs_fd, name)  # ours to produce; never write through a planted link
+        if existing is None or not stat.S_ISREG(existing.st_mode):
+            copy_file_at(src_fs_fd, name, dst_fs_fd, name)
+    return copy_file_at(src_fs_fd, layer_hex, dst_fs_fd, layer_hex)
 
 
 def temp_name_patterns(name: str) -> bool:

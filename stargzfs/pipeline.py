@@ -6,6 +6,9 @@ dir exists. In an eStargz candidate's dir, `<hex>` (its layer bootstrap) and `im
 convert.py does one layer, compose.py the merge; this module decides when, keeps one
 conversion per key in flight (single-flight), remembers "not eStargz", backs off after
 failures and records every outcome in ROOT/stargzfs/state.json for `stargzfs status`.
+
+Layers are keyed by digest, not snapshot: the same layer in several chains has its TOC
+fetched and its bootstrap built once; the other snapshots' dirs get copies of the outputs.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ from stargzfs.convert import (
     ConversionPlan,
     NotConvertible,
     convert_layer,
+    copy_layer_outputs,
     detect_builder,
     listdir_at,
+    lstat_at,
     open_dir_beneath,
     remove_temps,
     temp_name_patterns,
 )
 from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.registry import RegistryClient, RegistryConfig
+from stargzfs.registry.auth import CredentialCache
 from stargzfs.settings import MountSettings
 from stargzfs.snapshots.store import Snapshot, SnapshotSource, SnapshotTable, candidate_reason
 
@@ -79,6 +85,8 @@ class SnapshotRootProvider:
         self._image_not_estargz: dict[str, str] = {}  # snapshot id -> why
         self._builder_slots: trio.CapacityLimiter | None = None
         self._client: RegistryClient | None = None
+        self._credentials = CredentialCache()
+        self._layer_sources: dict[str, str] = {}  # layer hex -> a snapshot id whose fs dir has its outputs
         self.conversions = 0
         self._remove_stale_temps()
 
@@ -181,19 +189,28 @@ class SnapshotRootProvider:
 
     async def _registry(self) -> RegistryClient:
         if self._client is None:
-            client = RegistryClient(RegistryConfig(insecure_hosts=tuple(self.settings.insecure_registries)))
+            settings = self.settings
+            client = RegistryClient(RegistryConfig(
+                insecure_hosts=tuple(settings.insecure_registries),
+                timeout=settings.registry_timeout,
+                retries=settings.registry_retries,
+                auth_timeout=settings.auth_timeout,
+            ))
             self._client = client
             await client.__aenter__()
         return self._client
 
-    async def _single_flight(self, key: tuple[str, str], work: Callable[[], Awaitable[None]]) -> None:
-        """Run `work` once per key at a time; concurrent callers share its outcome."""
+    async def _single_flight(self, key: tuple[str, str], work: Callable[[], Awaitable[None]]) -> bool:
+        """Run `work` once per key at a time; concurrent callers share its outcome.
+
+        True when this call ran `work`, False when it waited for another caller's run.
+        """
         flight = self._flights.get(key)
         if flight is not None:
             await flight.done.wait()
             if flight.error is not None:
                 raise OSError(flight.error.errno, flight.error.strerror)
-            return
+            return False
         flight = _Flight()
         self._flights[key] = flight
         try:
@@ -207,6 +224,7 @@ class SnapshotRootProvider:
         finally:
             del self._flights[key]
             flight.done.set()
+        return True
 
     def _check_backoff(self, key: tuple[str, str]) -> None:
         failure = self._failures.get(key)
@@ -232,31 +250,107 @@ class SnapshotRootProvider:
 
     # ----------------------------------------------------------------- one layer
     async def _ensure_layer(self, snapshot: Snapshot) -> None:
-        """`<hex>` in the snapshot's fs dir, or OSError ENOENT (not eStargz) / EIO (failed)."""
+        """`<hex>` in the snapshot's fs dir, or OSError ENOENT (not eStargz) / EIO (failed).
+
+        Flight and backoff are per layer digest. A caller that waited on another snapshot's
+        flight for the same digest then runs its own (normally a copy of that one's outputs).
+        """
         layer_hex = snapshot.layer_hex
         assert layer_hex is not None
-        reason = self._not_estargz.get(layer_hex)
-        if reason is not None:
-            raise OSError(errno.ENOENT, reason)
-        key = ("layer", snapshot.id)
-        self._check_backoff(key)
-        await self._single_flight(key, lambda: self._convert(snapshot, key))
+        key = ("layer", layer_hex)
+        while True:
+            reason = self._not_estargz.get(layer_hex)
+            if reason is not None:
+                raise OSError(errno.ENOENT, reason)
+            self._check_backoff(key)
+            if await self._single_flight(key, lambda: self._provide_layer(snapshot, key)):
+                return
 
-    async def _convert(self, snapshot: Snapshot, key: tuple[str, str]) -> None:
+    async def _local_failure(self, snapshot: Snapshot, detail: str) -> OSError:
+        """A problem of one snapshot's dir, not of the layer: EIO without a digest-wide backoff."""
+        message = f"snapshot {snapshot.id}: {detail}"
+        log.error("%s", message)
+        await self._record(state.record_layer, snapshot.layer_hex, status="error", error=message,
+                           snapshot_id=snapshot.id)
+        return OSError(errno.EIO, message)
+
+    async def _provide_layer(self, snapshot: Snapshot, key: tuple[str, str]) -> None:
         layer_hex = snapshot.layer_hex
         assert layer_hex is not None
         try:
             fs_fd = self._open_fs(snapshot.id)
         except OSError as exc:
-            message = f"snapshot {snapshot.id}: fs dir is not usable: {exc.strerror}"
-            self._note_failure(key, message)
-            await self._record(state.record_layer, layer_hex, status="error", error=message, snapshot_id=snapshot.id)
-            raise OSError(errno.EIO, message) from None
+            raise await self._local_failure(snapshot, f"fs dir is not usable: {exc.strerror}") from None
+        try:
+            existing = lstat_at(fs_fd, layer_hex)
+            if existing is not None:
+                if stat.S_ISREG(existing.st_mode):
+                    return
+                raise await self._local_failure(snapshot, f"{layer_hex} exists but is not a regular file")
+            if not await self._copy_from_sibling(snapshot, fs_fd):
+                await self._convert(snapshot, fs_fd, key)
+        finally:
+            os.close(fs_fd)
+
+    def _sibling_sources(self, snapshot: Snapshot) -> list[str]:
+        """Other candidate snapshots of the same layer digest, the last known source first."""
+        layer_hex = snapshot.layer_hex
+        known = self._layer_sources.get(layer_hex or "")
+        ids = [known] if known is not None and known != snapshot.id else []
+        try:
+            table = self._table()
+        except OSError:
+            return ids
+        for other in table.all():
+            if (other.id != snapshot.id and other.id not in ids and other.layer_hex == layer_hex
+                    and candidate_reason(other) is None):
+                ids.append(other.id)
+        return ids
+
+    def _copy_from_first(self, source_ids: Sequence[str], dst_fd: int, layer_hex: str) -> str | None:
+        """Copy the outputs from the first source that has them (blocking: runs in a thread)."""
+        for source_id in source_ids:
+            try:
+                src_fd = self._open_fs(source_id)
+            except OSError:
+                continue
+            try:
+                copy_layer_outputs(src_fd, dst_fd, layer_hex, with_blob_meta=self.fscache)
+                return source_id
+            except ConversionError:
+                continue  # that snapshot has no complete outputs (yet, or any more)
+            finally:
+                os.close(src_fd)
+        return None
+
+    async def _copy_from_sibling(self, snapshot: Snapshot, fs_fd: int) -> bool:
+        """Outputs copied from another snapshot of the same digest: no TOC fetch, no builder."""
+        layer_hex = snapshot.layer_hex
+        assert layer_hex is not None
+        sources = self._sibling_sources(snapshot)
+        if not sources:
+            return False
+        try:
+            source_id = await trio.to_thread.run_sync(self._copy_from_first, sources, fs_fd, layer_hex)
+        except OSError as exc:
+            detail = f"copying layer {layer_hex[:12]} failed: {exc.strerror}"
+            raise await self._local_failure(snapshot, detail) from None
+        if source_id is None:
+            return False
+        self._layer_sources[layer_hex] = source_id
+        log.info("snapshot %s: copied layer %s from snapshot %s", snapshot.id, layer_hex[:12], source_id)
+        await self._record(state.record_layer, layer_hex, status="converted", snapshot_id=snapshot.id)
+        return True
+
+    async def _convert(self, snapshot: Snapshot, fs_fd: int, key: tuple[str, str]) -> None:
+        layer_hex = snapshot.layer_hex
+        assert layer_hex is not None
         started = time.monotonic()
         try:
             plan = ConversionPlan(snapshot, fs_fd, fs_fd if self.fscache else self._cache_fd)
             created = await convert_layer(
-                plan, client=await self._registry(), builder=self.builder, builder_slots=self._slots()
+                plan, client=await self._registry(), credentials=self._credentials, builder=self.builder,
+                builder_slots=self._slots(),
             )
         except NotConvertible as exc:
             reason = f"not eStargz: {exc}" if not str(exc).startswith("not eStargz") else str(exc)
@@ -271,9 +365,8 @@ class SnapshotRootProvider:
             self._note_failure(key, message)
             await self._record(state.record_layer, layer_hex, status="error", error=message, snapshot_id=snapshot.id)
             raise OSError(errno.EIO, message) from None
-        finally:
-            os.close(fs_fd)
         self._failures.pop(key, None)
+        self._layer_sources[layer_hex] = snapshot.id
         if created:
             self.conversions += 1
             log.info("snapshot %s: converted layer %s in %.2fs", snapshot.id, layer_hex[:12],

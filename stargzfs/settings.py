@@ -23,12 +23,21 @@ a `[stargzfs]` table, whose keys are checked strictly.
 | attr_timeout         | `[stargzfs] attr_timeout`        | -                       | 1.0 s                    |
 | retry_backoff        | `[stargzfs] retry_backoff`       | -                       | 5.0 s (first retry wait) |
 | retry_backoff_max    | `[stargzfs] retry_backoff_max`   | -                       | 300.0 s                  |
+| registry_timeout     | `[stargzfs] registry_timeout`    | `--registry-timeout`    | 10.0 s (per attempt)     |
+| registry_retries     | `[stargzfs] registry_retries`    | `--registry-retries`    | 3 (extra attempts)       |
+| auth_timeout         | `[stargzfs] auth_timeout`        | `--auth-timeout`        | 10.0 s (token request)   |
+
+registry_timeout bounds one registry request (answer and body) per attempt; a request that
+times out, cannot connect or gets a 5xx is tried again up to registry_retries more times
+with a short doubling pause (0.2 s, 0.4 s, ...), so a lookup against a registry that never
+answers fails with EIO after about (registry_retries + 1) x registry_timeout.
 
 An empty string for a snapshotter key means "unset" there, and so it does here.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -61,6 +70,9 @@ class MountSettings:
     attr_timeout: float = 1.0
     retry_backoff: float = 5.0
     retry_backoff_max: float = 300.0
+    registry_timeout: float = 10.0
+    registry_retries: int = 3
+    auth_timeout: float = 10.0
 
     @property
     def effective_cache_dir(self) -> Path:
@@ -81,6 +93,11 @@ class MountSettings:
         for name in ("entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, not {getattr(self, name)}")
+        for name in ("registry_timeout", "auth_timeout"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise UsageError(f"{name} must be a positive number of seconds, not {getattr(self, name)}")
+        if self.registry_retries < 0:
+            raise UsageError(f"registry_retries must be >= 0, not {self.registry_retries}")
         return self
 
 
@@ -95,12 +112,15 @@ _SNAPSHOTTER_KEYS: dict[tuple[str, ...], str] = {
 _STARGZFS_KEYS = (
     "mountpoint", "foreground", "rw", "log_file", "insecure_registries", "fuse_options",
     "max_builders", "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max",
+    "registry_timeout", "registry_retries", "auth_timeout",
 )
 _PATH_FIELDS = {"root", "mountpoint", "cache_dir", "nydus_image", "log_file"}
 _BOOL_FIELDS = {"foreground", "rw"}
 _LIST_FIELDS = {"insecure_registries", "fuse_options"}
-_INT_FIELDS = {"max_builders"}
-_FLOAT_FIELDS = {"entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max"}
+_INT_FIELDS = {"max_builders", "registry_retries"}
+_FLOAT_FIELDS = {
+    "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max", "registry_timeout", "auth_timeout",
+}
 
 
 def _convert(key: str, name: str, value: Any) -> Any:

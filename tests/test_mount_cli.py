@@ -194,6 +194,17 @@ def _setup_bad(tmp_path: Path, snapshot_root: Path, case: str) -> tuple[list[str
     if case == "bad fs driver in config":
         (tmp_path / "c.toml").write_text('[daemon]\nfs_driver = "virtiofs"\n')
         return ["mount", "--config", str(tmp_path / "c.toml"), str(snapshot_root), str(mountpoint)], "fs_driver"
+    if case == "zero registry timeout":
+        return ["mount", "--registry-timeout", "0", str(snapshot_root), str(mountpoint)], "registry_timeout"
+    if case == "negative retries in config":
+        (tmp_path / "c.toml").write_text("[stargzfs]\nregistry_retries = -1\n")
+        return ["mount", "--config", str(tmp_path / "c.toml"), str(snapshot_root), str(mountpoint)], "registry_retries"
+    if case == "fractional retries in config":
+        (tmp_path / "c.toml").write_text("[stargzfs]\nregistry_retries = 1.5\n")
+        return (["mount", "--config", str(tmp_path / "c.toml"), str(snapshot_root), str(mountpoint)],
+                "stargzfs.registry_retries must be an integer")
+    if case == "infinite auth timeout":
+        return ["mount", "--auth-timeout", "inf", str(snapshot_root), str(mountpoint)], "auth_timeout"
     if case == "no root anywhere":
         return ["mount", str(mountpoint)], "no ROOT"
     if case == "umount of a plain dir":
@@ -206,7 +217,8 @@ def _setup_bad(tmp_path: Path, snapshot_root: Path, case: str) -> tuple[list[str
     [
         "missing root", "root is a file", "no metadata.db", "corrupt metadata.db", "mountpoint missing",
         "mountpoint is a file", "mountpoint not empty", "bad config key", "bad config type",
-        "bad fs driver in config", "no root anywhere", "umount of a plain dir",
+        "bad fs driver in config", "no root anywhere", "umount of a plain dir", "zero registry timeout",
+        "negative retries in config", "fractional retries in config", "infinite auth timeout",
     ],
 )
 def test_bad_arguments_fail_cleanly(snapshot_root: Path, tmp_path: Path, case: str) -> None:
@@ -231,3 +243,21 @@ def test_console_scripts_are_installed() -> None:
     assert (VENV_BIN / "stargzfs").exists()
     result = subprocess.run([str(VENV_BIN / "stargzfs"), "umount", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "MOUNTPOINT" in result.stdout
+
+
+def test_registry_settings_defaults_config_and_cli(tmp_path: Path) -> None:
+    from stargzfs.cli import build_parser
+    from stargzfs.commands.mount import settings_from_args
+
+    def settings(*argv: str):  # type: ignore[no-untyped-def]
+        return settings_from_args(build_parser().parse_args(["mount", *argv, "/r", "/m"]))
+
+    default = settings()
+    assert (default.registry_timeout, default.registry_retries, default.auth_timeout) == (10.0, 3, 10.0)
+    config = tmp_path / "c.toml"
+    config.write_text("[stargzfs]\nregistry_timeout = 2.5\nregistry_retries = 1\nauth_timeout = 4\n")
+    from_file = settings("--config", str(config))
+    assert (from_file.registry_timeout, from_file.registry_retries, from_file.auth_timeout) == (2.5, 1, 4.0)
+    overridden = settings("--config", str(config), "--registry-timeout", "1", "--registry-retries", "0",
+                          "--auth-timeout", "0.5")
+    assert (overridden.registry_timeout, overridden.registry_retries, overridden.auth_timeout) == (1.0, 0, 0.5)

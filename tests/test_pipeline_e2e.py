@@ -3,15 +3,20 @@
 Real parts only: eStargz images made by ctr-remote and served by docker-registry, a
 metadata.db written by containerd's own snapshots/storage (Go helper), the daemon started
 by the `stargzfs` CLI, and the kernel (erofs, overlayfs) as the judge of what it built.
-One root, one metadata.db and shared images serve every test; each test uses its own
-snapshot chains, so the tests do not depend on each other's order.
+One root, one metadata.db and shared images serve most tests; each test uses its own
+snapshot chains whose layer digests no other chain of that root shares (layers are fetched
+and built once per digest, so a shared digest would couple tests), so the tests do not
+depend on each other's order. Tests that need a digest in several chains, or settings of
+their own, get a fresh root (`fresh_root`).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import json
 import re
+import socket
 import stat
 import threading
 import time
@@ -23,12 +28,13 @@ import pytest
 
 from stargzfs.snapshots.store import LABEL_NYDUS_META_LAYER
 from support.erofs import erofs_mounted, extract_layer_tar, overlay_mounted, tree_snapshot
-from support.fake_nydus_image import read_journal, write_fake_nydus_image
+from support.fake_nydus_image import read_journal, running_builds, write_fake_nydus_image
 from support.images import FileSpec, PushedImage, build_image, make_layer_tar
 from support.registry import RegistryProcess
 from support.snapshot_root import (
     IMAGE_BOOT,
     ChainLayer,
+    Daemon,
     SnapshotRoot,
     hex_of,
     image_chain,
@@ -86,7 +92,6 @@ def world(containerd, registry, image_cache, snapdb, tmp_path_factory: pytest.Te
         chains = {
             "gz": image_chain(gzip_image),
             "zs": image_chain(zstd_image),
-            "eight": e,
             "down": [ChainLayer(private_ref, e[0].digest, e[0].toc_digest)],
             "kill": [e[1]],
             "swap": [e[2]],
@@ -110,6 +115,40 @@ def world(containerd, registry, image_cache, snapdb, tmp_path_factory: pytest.Te
         yield world
     finally:
         private.stop()
+
+
+@pytest.fixture
+def fresh_root(snapdb, tmp_path: Path) -> Callable[[dict[str, list[ChainLayer]]], SnapshotRoot]:
+    """A root of the test's own (cheap: one snapdb run), for chains that must not meet the world's."""
+
+    def make(chains: dict[str, list[ChainLayer]]) -> SnapshotRoot:
+        root = tmp_path / "root"
+        return SnapshotRoot(root, write_root(snapdb, root, chains))
+
+    return make
+
+
+@pytest.fixture
+def silent_registry() -> Iterator[str]:
+    """host:port that accepts TCP connections (kernel backlog) and never answers a byte."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as server:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
+def passthrough_probe(root: SnapshotRoot, mnt: Path, chain: str) -> Callable[[int], int]:
+    """stat(n): create a new file in `chain`'s fs dir and stat it through the mount.
+
+    A never-looked-up name cannot be answered from the kernel's dentry/attr caches, so each
+    call is a real FUSE request the daemon has to serve. Returns the size it saw.
+    """
+    (root.fs(chain) / "probe").mkdir(exist_ok=True)
+
+    def probe(number: int) -> int:
+        name = f"fresh-{number}-{time.monotonic_ns()}"
+        (root.fs(chain) / "probe" / name).write_bytes(b"p" * number)
+        return os.stat(mnt / root.sid(chain) / "probe" / name).st_size
+
+    return probe
 
 
 def layer_oracle(work: Path, name: str, files: list[FileSpec]) -> Path:
@@ -205,11 +244,16 @@ def test_fscache_zstd_placement_and_merge(world: World, daemons) -> None:
     compare_merged(world, world.zstd, merged, metas)
 
 
-def test_parallel_lookups_convert_each_layer_once(world: World, daemons, registry: RegistryProcess) -> None:
-    daemon = daemons(world.root)
+def test_parallel_lookups_convert_each_layer_once(world: World, fresh_root, daemons, registry: RegistryProcess,
+                                                  tmp_path: Path) -> None:
+    root = fresh_root({"eight": image_chain(world.eight), "pt": image_chain(world.plain)})
+    journal = tmp_path / "journal.jsonl"
+    slow = write_fake_nydus_image(tmp_path / "slow", journal=journal, sleep=3)  # keeps conversions in progress
+    daemon = daemons(root.root, "--nydus-image", slow, config={"max_builders": 8})
     mnt = daemon.mountpoint
-    targets = [mnt / world.sid("eight", i) / hex_of(layer.digest) for i, layer in enumerate(world.eight.layers)]
-    passthrough = mnt / world.sid("nydus") / "image" / "image.boot"
+    hexes = [hex_of(layer.digest) for layer in world.eight.layers]
+    targets = [mnt / root.sid("eight", i) / digest_hex for i, digest_hex in enumerate(hexes)]
+    probe = passthrough_probe(root, mnt, "pt")
     mark = registry.mark()
     results: list[object] = [None] * 64
     barrier = threading.Barrier(65)
@@ -225,21 +269,118 @@ def test_parallel_lookups_convert_each_layer_once(world: World, daemons, registr
     for thread in threads:
         thread.start()
     barrier.wait()
-    answered_while_converting = 0
-    for _ in range(20):
-        assert passthrough.stat().st_size == len(b"not ours to touch")
-        if any(thread.is_alive() for thread in threads):
-            answered_while_converting += 1
+    _wait_for(lambda: bool(running_builds(journal)), "a builder to start")
+    for number in range(10):  # each a real request, each answered while a builder still runs
+        assert probe(number) == number
+        assert running_builds(journal), f"probe {number} was only answered after the builders finished"
     for thread in threads:
         thread.join(timeout=120)
     assert all(isinstance(size, int) and size > 0 for size in results), results
-    assert answered_while_converting > 0
     for layer in world.eight.layers:
         fetches = registry.requests_for(layer.digest, since=mark)
         assert len(fetches) == 1, (layer.digest, fetches)  # one ranged GET: footer + TOC
+    assert sorted(call["argv"][6] for call in read_journal(journal)) == sorted(hexes)  # one builder each
     log = daemon.log_text()
     for index in range(8):
-        assert len(re.findall(rf"snapshot {world.sid('eight', index)}: converted layer", log)) == 1
+        assert len(re.findall(rf"snapshot {root.sid('eight', index)}: converted layer", log)) == 1
+
+
+@pytest.mark.parametrize("fs_driver", ["fusedev", "fscache"])
+def test_same_layer_in_several_chains_is_fetched_and_built_once(world: World, fresh_root, daemons, fs_driver: str,
+                                                                registry: RegistryProcess, tmp_path: Path) -> None:
+    layer = world.eight.layers[7]
+    digest_hex = hex_of(layer.digest)
+    one = [ChainLayer(world.eight.ref, layer.digest, layer.toc_digest)]
+    root = fresh_root({"a": one, "b": one, "c": one})
+    journal = tmp_path / "journal.jsonl"
+    slow = write_fake_nydus_image(tmp_path / "slow", journal=journal, sleep=1)  # a and b overlap for sure
+    daemon = daemons(root.root, "--nydus-image", slow, "--fs-driver", fs_driver)
+    mnt = daemon.mountpoint
+    mark = registry.mark()
+    outcome: dict[str, int] = {}
+    barrier = threading.Barrier(2)
+
+    def look(chain: str) -> None:
+        barrier.wait()
+        outcome[chain] = lstat_errno(mnt / root.sid(chain) / digest_hex)
+
+    lookers = [threading.Thread(target=look, args=(chain,)) for chain in ("a", "b")]
+    for thread in lookers:
+        thread.start()
+    for thread in lookers:
+        thread.join(timeout=120)
+    assert outcome == {"a": 0, "b": 0}
+    assert lstat_errno(mnt / root.sid("c") / digest_hex) == 0  # later: a copy too
+    assert len(registry.requests_for(layer.digest, since=mark)) == 1  # one TOC fetch in all
+    assert [call["argv"][0] for call in read_journal(journal)] == ["create"]  # one builder run
+    outputs = [digest_hex, "stargz.index.json"] + ([f"{digest_hex}.blob.meta"] if fs_driver == "fscache" else [])
+    first = {name: (root.fs("a") / name).read_bytes() for name in outputs}
+    for chain in ("a", "b", "c"):
+        fs = root.fs(chain)
+        assert sorted(os.listdir(fs)) == sorted(outputs)  # fscache: each dir is nydusd's work dir
+        for name in outputs:
+            assert (fs / name).read_bytes() == first[name], (chain, name)
+        for name in outputs[:2]:  # (the builder's own blob.meta keeps the builder's mode)
+            assert stat.S_IMODE((fs / name).stat().st_mode) == 0o440, (chain, name)
+    image_cli_ok("check", "--bootstrap", root.fs("c") / digest_hex)
+    log = daemon.log_text()
+    assert len(re.findall(r"converted layer", log)) == 1 and len(re.findall(r"copied layer", log)) == 2
+    rows = status(root.root)
+    assert all(rows[root.sid(chain)]["layer_status"] == "converted" for chain in ("a", "b", "c"))
+
+
+def test_slow_credential_helper_does_not_stall_other_requests(world: World, fresh_root, daemons,
+                                                              registry: RegistryProcess, tmp_path: Path) -> None:
+    # docker-credential-* helpers are external programs we do not install: a script stands in.
+    layer = world.eight.layers[6]
+    root = fresh_root({"slow": [ChainLayer(world.eight.ref, layer.digest, layer.toc_digest)],
+                       "pt": image_chain(world.plain)})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper_log = tmp_path / "helper.log"
+    helper = bin_dir / "docker-credential-slow"
+    helper.write_text(
+        "#!/bin/sh\n"
+        f'echo start >> "{helper_log}"\n'
+        "sleep 3\n"
+        f'echo end >> "{helper_log}"\n'
+        'echo "credentials not found in native keychain"\nexit 1\n'
+    )
+    helper.chmod(0o755)
+    docker_config = tmp_path / "docker"
+    docker_config.mkdir()
+    (docker_config / "config.json").write_text(json.dumps({"credHelpers": {registry.host: "slow"}}))
+    daemon: Daemon = daemons(root.root, env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                             "DOCKER_CONFIG": str(docker_config)})
+    mnt = daemon.mountpoint
+    probe = passthrough_probe(root, mnt, "pt")
+    assert probe(1) == 1
+    outcome: list[int] = []
+    looker = threading.Thread(
+        target=lambda: outcome.append(lstat_errno(mnt / root.sid("slow") / hex_of(layer.digest))))
+    looker.start()
+    _wait_for(lambda: helper_log.exists() and helper_log.read_text() == "start\n", "the credential helper to start")
+    assert probe(2) == 2  # answered while the helper still sleeps ...
+    assert helper_log.read_text() == "start\n"  # ... i.e. before the conversion could go on
+    looker.join(timeout=60)
+    assert outcome == [0]  # "not found" in the helper: anonymous pull, converted
+    assert helper_log.read_text() == "start\nend\n"
+
+
+def test_registry_timeout_and_retries_bound_a_silent_registry(world: World, fresh_root, daemons,
+                                                             silent_registry: str) -> None:
+    layer = world.eight.layers[0]
+    ref = f"{silent_registry}/{world.eight.repository}:{world.eight.tag}"
+    root = fresh_root({"silent": [ChainLayer(ref, layer.digest, layer.toc_digest)]})
+    daemon = daemons(root.root, "--registry-timeout", "1", "--registry-retries", "0")
+    target = daemon.mountpoint / root.sid("silent") / hex_of(layer.digest)
+    started = time.monotonic()
+    assert lstat_errno(target) == errno.EIO
+    assert time.monotonic() - started < 30  # guards against a hang; the defaults would take ~41 s
+    row = status(root.root)[root.sid("silent")]
+    assert row["layer_status"] == "error"
+    assert re.search(r"timed out|within 1s", row["layer_error"]) and "after 1 attempts" in row["layer_error"]
+    assert os.listdir(root.fs("silent")) == []
 
 
 def test_registry_down_gives_eio_then_recovers(world: World, daemons) -> None:

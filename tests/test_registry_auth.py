@@ -25,7 +25,7 @@ from stargzfs.registry import (
     parse_reference,
     resolve_credentials,
 )
-from stargzfs.registry.auth import RegistryAuth, parse_challenge
+from stargzfs.registry.auth import CredentialCache, RegistryAuth, parse_challenge
 from support.registry import RegistryProcess, make_htpasswd
 from support.token_server import TokenServer
 
@@ -240,6 +240,76 @@ def test_parse_challenge() -> None:
     basic = parse_challenge('Basic realm="stargzfs-test"')
     assert basic is not None and basic.scheme == "basic" and basic.params == {"realm": "stargzfs-test"}
     assert parse_challenge("") is None
+
+
+async def test_credential_cache_runs_the_helper_once_and_labels_need_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-counting"
+    helper.write_text('#!/bin/sh\necho run >> "$(dirname "$0")/runs"\n'
+                      'echo \'{"Username":"helper-user","Secret":"helper-secret"}\'\n')
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"credHelpers": {"reg.example": "counting"}}))
+    cache = CredentialCache(config)
+    ref = parse_reference("reg.example/a")
+    assert await cache.resolve(ref) == Credentials("helper-user", "helper-secret")
+    assert await cache.resolve(ref) == Credentials("helper-user", "helper-secret")
+    assert (bin_dir / "runs").read_text() == "run\n" and cache.lookups == 1
+    labels = {LABEL_PULL_USERNAME: USER, LABEL_PULL_SECRET: PASSWORD}
+    assert await cache.resolve(parse_reference("reg.example/b"), labels) == Credentials(USER, PASSWORD)
+    assert cache.lookups == 1 and "helper-secret" not in repr(cache)
+
+
+# --- plain-http token realms ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "realm, insecure, allowed",
+    [
+        ("https://auth.example/token", (), True),
+        ("http://auth.example/token", (), False),
+        ("http://auth.example:8080/token", (), False),
+        ("http://auth.example/token", ("auth.example",), True),
+        ("http://auth.example:8080/token", ("auth.example:8080",), True),
+        ("http://auth.example:8080/token", ("other.example",), False),
+        ("http://127.0.0.1:5001/token", (), True),
+        ("http://localhost/token", (), True),
+        ("http://10.1.2.3/token", (), True),
+        ("http://192.168.7.7/token", (), True),
+        ("http://172.32.0.1/token", (), False),
+        ("http://8.8.8.8/token", (), False),
+    ],
+)
+def test_plain_http_realm_only_for_local_or_insecure_hosts(
+    realm: str, insecure: tuple[str, ...], allowed: bool
+) -> None:
+    auth = RegistryAuth(parse_reference("registry.example/a"), Credentials(USER, PASSWORD), insecure_hosts=insecure)
+    if allowed:
+        request = auth._token_request(realm, "svc")
+        assert request.url.host == httpx.URL(realm).host
+        return
+    with pytest.raises(RegistryError) as caught:
+        auth._token_request(realm, "svc")
+    message = str(caught.value)
+    assert f"host {httpx.URL(realm).netloc.decode()}" in message and "plain-http" in message
+    assert PASSWORD not in message and b64(f"{USER}:{PASSWORD}") not in message and USER not in message
+
+
+async def test_https_registry_challenge_naming_a_plain_http_realm_sends_nothing() -> None:
+    auth = RegistryAuth(parse_reference("registry.example/a"), Credentials(USER, PASSWORD))
+    flow = auth.async_auth_flow(httpx.Request("GET", "https://registry.example/v2/a/blobs/sha256:" + "0" * 64))
+    request = await flow.__anext__()
+    assert "Authorization" not in request.headers
+    challenge = httpx.Response(
+        401, request=request,
+        headers={"WWW-Authenticate": 'Bearer realm="http://auth.example/token",service="registry.example"'},
+    )
+    with pytest.raises(RegistryError, match="plain-http Bearer realm host auth.example"):
+        await flow.asend(challenge)  # raised before any token request is yielded
 
 
 # --- Basic (htpasswd) -----------------------------------------------------------------------------

@@ -30,6 +30,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        help="external nydus-image builder (default: the bundled stargzfs-image)")
     mount.add_argument("--insecure-registry", dest="insecure_registries", action="append", default=[],
                        metavar="HOST", help="talk plain HTTP to HOST[:PORT] (repeatable)")
+    mount.add_argument("--registry-timeout", type=float, default=None, metavar="SECONDS",
+                       help="per-attempt limit for one registry request (default 10)")
+    mount.add_argument("--registry-retries", type=int, default=None, metavar="N",
+                       help="extra attempts after a timeout, connection error or 5xx (default 3)")
+    mount.add_argument("--auth-timeout", type=float, default=None, metavar="SECONDS",
+                       help="limit for one token request to the registry's auth realm (default 10)")
     mount.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     mount.add_argument("--log-file", type=Path, default=None, help="daemon log (default: stderr)")
     mount.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT]",
@@ -59,6 +65,9 @@ def settings_from_args(args: argparse.Namespace) -> MountSettings:
         "log_level": args.log_level,
         "log_file": args.log_file,
         "fuse_options": args.fuse_options,
+        "registry_timeout": args.registry_timeout,
+        "registry_retries": args.registry_retries,
+        "auth_timeout": args.auth_timeout,
     }
     return build_settings(cli, args.config)
 

@@ -221,6 +221,41 @@ def resolve_credentials(
     return credentials_from_labels(labels) or credentials_from_docker_config(ref, docker_config)
 
 
+class CredentialCache:
+    """`resolve_credentials` for async callers: off the event loop, remembered for a short while.
+
+    Reading config.json and running a `docker-credential-*` helper block (a helper for up to
+    its timeout): a daemon's loop must keep serving meanwhile, and the layers of one image
+    converted in a burst should not run the helper once each. Label credentials need no I/O
+    and are never cached; failures are not cached either.
+    """
+
+    def __init__(self, docker_config: Path | None = None, ttl: float = 30.0) -> None:
+        self._docker_config = docker_config
+        self._ttl = ttl
+        self._entries: dict[tuple[str, str], tuple[float, Credentials | None]] = {}
+        self._locks: dict[tuple[str, str], anyio.Lock] = {}
+        self.lookups = 0  # docker-config lookups actually run (for tests and diagnostics)
+
+    def __repr__(self) -> str:
+        return f"CredentialCache(entries={len(self._entries)})"
+
+    async def resolve(self, ref: Reference, labels: Mapping[str, str] | None = None) -> Credentials | None:
+        from_labels = credentials_from_labels(labels)
+        if from_labels is not None:
+            return from_labels
+        key = (ref.registry, ref.repository)
+        lock = self._locks.setdefault(key, anyio.Lock())
+        async with lock:  # one helper run per key at a time; waiters take its answer
+            cached = self._entries.get(key)
+            if cached is not None and time.monotonic() < cached[0]:
+                return cached[1]
+            self.lookups += 1
+            found = await anyio.to_thread.run_sync(credentials_from_docker_config, ref, self._docker_config)
+            self._entries[key] = (time.monotonic() + self._ttl, found)
+            return found
+
+
 # --- the challenge/response flow -------------------------------------------------------------
 
 _CHALLENGE_PARAM = re.compile(r'([a-zA-Z_][a-zA-Z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
@@ -285,9 +320,11 @@ class RegistryAuth(httpx.Auth):
         state: AuthState | None = None,
         auth_timeout: float = 10.0,
         scheme: str | None = None,
+        insecure_hosts: tuple[str, ...] = (),
     ) -> None:
         self.ref = ref
-        scheme = scheme or default_scheme(ref.api_host)
+        self.insecure_hosts = tuple(insecure_hosts)
+        scheme = scheme or default_scheme(ref.api_host, self.insecure_hosts)
         self.registry_netloc = _netloc(httpx.URL(f"{scheme}://{ref.api_host}/"))
         self.credentials = credentials
         self.state = state if state is not None else AuthState()
@@ -370,6 +407,12 @@ class RegistryAuth(httpx.Auth):
             raise RegistryError(f"{self.ref.name}: Bearer challenge has an invalid realm") from None
         if url.scheme not in ("http", "https"):
             raise RegistryError(f"{self.ref.name}: Bearer realm must be http(s), got {url.scheme!r}")
+        if url.scheme == "http" and default_scheme(_netloc(url), self.insecure_hosts) != "http":
+            # Basic credentials (and the token coming back) would cross the network in clear text.
+            raise RegistryError(
+                f"{self.ref.name}: refusing plain-http Bearer realm host {_netloc(url)}: the token endpoint "
+                "must be https unless it is loopback/private or listed as an insecure registry"
+            )
         params: dict[str, str] = {"scope": f"repository:{self.ref.repository}:pull"}
         if service:
             params["service"] = service

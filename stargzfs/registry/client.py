@@ -161,14 +161,21 @@ class RegistryClient:
         *,
         labels: Mapping[str, str] | None = None,
         credentials: Credentials | None = None,
+        resolved: bool = False,
     ) -> RegistryAuth:
-        """An auth flow sharing its token cache with every other user of the same repository."""
-        if credentials is None:
+        """An auth flow sharing its token cache with every other user of the same repository.
+
+        `resolved=True`: `credentials` is already the keychain's answer (None = anonymous), so
+        no config file or credential helper is consulted here (callers on an event loop resolve
+        in a worker thread first).
+        """
+        if credentials is None and not resolved:
             credentials = resolve_credentials(ref, labels, self.config.docker_config)
         key = (ref.api_host, ref.repository, credentials)
         state = self._auth_states.setdefault(key, AuthState())
         return RegistryAuth(
-            ref, credentials, state=state, auth_timeout=self.config.auth_timeout, scheme=self.scheme(ref)
+            ref, credentials, state=state, auth_timeout=self.config.auth_timeout, scheme=self.scheme(ref),
+            insecure_hosts=self.config.insecure_hosts,
         )
 
     def blob(
@@ -178,13 +185,14 @@ class RegistryClient:
         *,
         labels: Mapping[str, str] | None = None,
         credentials: Credentials | None = None,
+        resolved: bool = False,
     ) -> "BlobReader":
         reference = as_reference(ref)
         try:
             validate_digest(digest)
         except UsageError as exc:
             raise UsageError(f"{reference}: {exc}") from None
-        auth = self.auth_for(reference, labels=labels, credentials=credentials)
+        auth = self.auth_for(reference, labels=labels, credentials=credentials, resolved=resolved)
         return BlobReader(self, reference, digest, auth)
 
     # --- shared request machinery ---------------------------------------------------------------

@@ -6,7 +6,9 @@
   `create … --blob-meta META TOC`, v2.2+ `create … --blob-data-size 0xHEX TOC` (where
   `--blob-meta` is an error, as in the real v2.2) and `merge --bootstrap OUT SRC…`;
 - appends one JSON line {"argv": [...], "ok": bool, "error": str} to `journal`;
-- optionally sleeps after writing a partial output (to kill a daemon mid-conversion);
+- optionally sleeps after writing a partial output (to kill a daemon mid-conversion, or to
+  keep a conversion in progress), then appends the same JSON line to `<journal>.woke`, so
+  "this builder is still running" is `started - woken` (see `running_builds`);
 - then runs the real `stargzfs-image` with the equivalent v2.1 argv, so outputs are genuine.
 """
 
@@ -100,6 +102,8 @@ def main():
         with open(bootstrap, "wb") as partial:
             partial.write(b"partial bootstrap")
         time.sleep(SLEEP)
+        with open(JOURNAL + ".woke", "a") as out:
+            out.write(json.dumps({{"argv": argv, "ok": True, "error": ""}}) + "\n")
     os.execv(IMAGE_CLI[0], IMAGE_CLI + real)
 
 sys.exit(main())
@@ -123,3 +127,11 @@ def read_journal(journal: Path) -> list[dict]:
     if not journal.exists():
         return []
     return [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+
+
+def running_builds(journal: Path) -> set[str]:
+    """Blob ids of `create` runs that started and have not finished their sleep yet."""
+    def blob_ids(path: Path) -> set[str]:
+        return {call["argv"][6] for call in read_journal(path) if call["argv"][0] == "create"}
+
+    return blob_ids(journal) - blob_ids(Path(f"{journal}.woke"))
