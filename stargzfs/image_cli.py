@@ -17,8 +17,21 @@ from stargzfs import __version__, cliutil
 SUBCOMMANDS = ("create", "merge", "check", "inspect", "materialize")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    modules = [importlib.import_module(f"stargzfs.image_commands.{name}") for name in SUBCOMMANDS]
+def _requested(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the command line, if any (the top level has no valued options)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Only the requested sub-command's module is imported when `argv` names one:
+    `create` then never loads trio/httpx (materialize) — start-up time counts in the
+    snapshotter's per-layer budget. `--help` and unknown commands still list them all."""
+    requested = _requested(sys.argv[1:] if argv is None else argv)
+    names = (requested,) if requested else SUBCOMMANDS
+    modules = [importlib.import_module(f"stargzfs.image_commands.{name}") for name in names]
     return cliutil.build_parser(
         "stargzfs-image",
         __doc__.splitlines()[0],
@@ -28,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cliutil.run(build_parser(), argv)
+    return cliutil.run(build_parser(argv), argv)
 
 
 if __name__ == "__main__":

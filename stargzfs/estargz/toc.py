@@ -213,86 +213,164 @@ def _parse_toc(raw: bytes) -> Toc:
     version = doc.get("version")
     if version != 1:
         raise FormatError(f"TOC version must be 1, got {version!r}")
-    records = doc.get("entries")
+    records = doc.pop("entries", None)
+    del doc
     if records is None:
         records = []
     if not isinstance(records, list):
         raise FormatError("TOC 'entries' must be an array")
-
-    entries: list[Entry] = []
-    user_names: dict[int, str] = {}
-    group_names: dict[int, str] = {}
-    has_root = False
-    last_reg: Entry | None = None
-    for index, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise FormatError(f"TOC entry #{index} is not an object")
-        raw_name = _str(rec, "name", index)
-        kind = _str(rec, "type", index)
-        if kind == "chunk":
-            if last_reg is None:
-                raise FormatError(f"TOC {_where(index, rec)}: 'chunk' record without a preceding 'reg' file")
-            _attach_chunk(last_reg, rec, index)
-            continue
-        if kind not in TYPE_BITS:
-            raise FormatError(f"TOC {_where(index, rec)}: unknown entry type {kind!r}")
-        name = clean_name(raw_name)
-        entry = Entry(
-            name=name,
-            type=kind,
-            mode=_int(rec, "mode", index) & 0o7777,
-            uid=_int(rec, "uid", index),
-            gid=_int(rec, "gid", index),
-            user_name=_str(rec, "userName", index),
-            group_name=_str(rec, "groupName", index),
-            size=_int(rec, "size", index) if kind == "reg" else 0,
-            dev_major=_int(rec, "devMajor", index),
-            dev_minor=_int(rec, "devMinor", index),
-            xattrs=_xattrs(rec, index),
-            digest=_str(rec, "digest", index) or None,
-            raw_index=index,
-        )
-        modtime = _str(rec, "modtime", index)
-        if modtime:
-            try:
-                entry.mtime, entry.mtime_nsec = parse_rfc3339(modtime)
-            except ValueError as exc:
-                raise FormatError(f"TOC {_where(index, rec)}: {exc}") from None
-        link = _str(rec, "linkName", index)
-        if kind == "hardlink":
-            if not link:
-                raise FormatError(f"TOC {_where(index, rec)}: hardlink without 'linkName'")
-            entry.link_name = clean_name(link)
-        elif kind == "symlink":
-            entry.link_name = link
-        if entry.user_name:
-            user_names.setdefault(entry.uid, entry.user_name)
-        else:
-            entry.user_name = user_names.get(entry.uid, "")
-        if entry.group_name:
-            group_names.setdefault(entry.gid, entry.group_name)
-        else:
-            entry.group_name = group_names.get(entry.gid, "")
-        if kind == "reg":
-            last_reg = entry
-            _attach_chunk(entry, rec, index)
-        else:
-            last_reg = None
-        if name == "":
-            if kind != "dir":
-                raise FormatError(f"TOC {_where(index, rec)}: the root entry must be a directory")
-            has_root = True
-        entries.append(entry)
-
-    by_name = _index(entries)
+    entries, has_root = _entries(records)
     return Toc(
         version=1,
         entries=entries,
         raw=bytes(raw),
         digest=toc_digest(raw),
         has_root_entry=has_root,
-        by_name=by_name,
+        by_name=_index(entries),
     )
+
+
+def _entries(records: list) -> tuple[list[Entry], bool]:
+    """Records → entries; each record is released once read, so the JSON tree and the
+    entries never both exist in full (that peak decides the builder's RSS).
+
+    The inline type checks are a fast path only: a record that fails any of them goes
+    through `_slow_entry` / `_attach_chunk`, which raise the precise error (or accept
+    JSON nulls) exactly as the per-field helpers always did.
+    """
+    entries: list[Entry] = []
+    append = entries.append
+    user_names: dict[int, str] = {}
+    group_names: dict[int, str] = {}
+    has_root = False
+    last_reg: Entry | None = None
+    type_bits = TYPE_BITS
+    for index, rec in enumerate(records):
+        records[index] = None
+        if type(rec) is not dict:
+            raise FormatError(f"TOC entry #{index} is not an object")
+        get = rec.get
+        raw_name = get("name", "")
+        kind = get("type", "")
+        if type(raw_name) is not str or type(kind) is not str:
+            raw_name = _str(rec, "name", index)
+            kind = _str(rec, "type", index)
+        if kind == "chunk":
+            if last_reg is None:
+                raise FormatError(f"TOC {_where(index, rec)}: 'chunk' record without a preceding 'reg' file")
+            _attach_chunk(last_reg, rec, index)
+            continue
+        if kind not in type_bits:
+            raise FormatError(f"TOC {_where(index, rec)}: unknown entry type {kind!r}")
+        name = clean_name(raw_name)
+        mode = get("mode", 0)
+        uid = get("uid", 0)
+        gid = get("gid", 0)
+        user_name = get("userName", "")
+        group_name = get("groupName", "")
+        size = get("size", 0) if kind == "reg" else 0
+        dev_major = get("devMajor", 0)
+        dev_minor = get("devMinor", 0)
+        digest = get("digest", "")
+        modtime = get("modtime", "")
+        link = get("linkName", "")
+        if not (
+            type(mode) is int and type(uid) is int and type(gid) is int and type(size) is int
+            and type(dev_major) is int and type(dev_minor) is int
+            and (mode | uid | gid | size | dev_major | dev_minor) >= 0
+            and type(user_name) is str and type(group_name) is str and type(digest) is str
+            and type(modtime) is str and type(link) is str
+        ):
+            entry = _slow_entry(rec, index, name, kind)
+            size, user_name, group_name = entry.size, entry.user_name, entry.group_name
+        else:
+            xattrs = _xattrs(rec, index) if get("xattrs") else {}
+            mtime = mtime_nsec = 0
+            if modtime:
+                try:
+                    mtime, mtime_nsec = parse_rfc3339(modtime)
+                except ValueError as exc:
+                    raise FormatError(f"TOC {_where(index, rec)}: {exc}") from None
+            entry = Entry(
+                name, kind, mode & 0o7777, uid, gid, user_name, group_name, size, mtime, mtime_nsec, "",
+                dev_major, dev_minor, xattrs, digest or None, [], False, index,
+            )
+            if kind == "hardlink":
+                if not link:
+                    raise FormatError(f"TOC {_where(index, rec)}: hardlink without 'linkName'")
+                entry.link_name = clean_name(link)
+            elif kind == "symlink":
+                entry.link_name = link
+        if user_name:
+            user_names.setdefault(entry.uid, user_name)
+        elif user_names:
+            entry.user_name = user_names.get(entry.uid, "")
+        if group_name:
+            group_names.setdefault(entry.gid, group_name)
+        elif group_names:
+            entry.group_name = group_names.get(entry.gid, "")
+        if kind == "reg":
+            last_reg = entry
+            chunk_offset = get("chunkOffset", 0)
+            chunk_size = get("chunkSize", 0)
+            offset = get("offset", 0)
+            inner_offset = get("innerOffset", 0)
+            chunk_digest = get("chunkDigest", "")
+            if not (
+                type(chunk_offset) is int and type(chunk_size) is int and type(offset) is int
+                and type(inner_offset) is int and (chunk_offset | chunk_size | offset | inner_offset) >= 0
+                and type(chunk_digest) is str
+            ):
+                _attach_chunk(entry, rec, index)
+            elif size:
+                chunk_size = chunk_size or size - chunk_offset
+                if chunk_size <= 0 or chunk_offset + chunk_size > size:
+                    _attach_chunk(entry, rec, index)  # raises the out-of-bounds error
+                else:
+                    entry.chunks.append(
+                        Chunk(offset, chunk_offset, chunk_size, chunk_digest or None, inner_offset, index)
+                    )
+        else:
+            last_reg = None
+        if not name:
+            if kind != "dir":
+                raise FormatError(f"TOC {_where(index, rec)}: the root entry must be a directory")
+            has_root = True
+        append(entry)
+    return entries, has_root
+
+
+def _slow_entry(rec: dict, index: int, name: str, kind: str) -> Entry:
+    """One record through the per-field helpers: precise errors, JSON nulls as defaults."""
+    entry = Entry(
+        name=name,
+        type=kind,
+        mode=_int(rec, "mode", index) & 0o7777,
+        uid=_int(rec, "uid", index),
+        gid=_int(rec, "gid", index),
+        user_name=_str(rec, "userName", index),
+        group_name=_str(rec, "groupName", index),
+        size=_int(rec, "size", index) if kind == "reg" else 0,
+        dev_major=_int(rec, "devMajor", index),
+        dev_minor=_int(rec, "devMinor", index),
+        xattrs=_xattrs(rec, index),
+        digest=_str(rec, "digest", index) or None,
+        raw_index=index,
+    )
+    modtime = _str(rec, "modtime", index)
+    if modtime:
+        try:
+            entry.mtime, entry.mtime_nsec = parse_rfc3339(modtime)
+        except ValueError as exc:
+            raise FormatError(f"TOC {_where(index, rec)}: {exc}") from None
+    link = _str(rec, "linkName", index)
+    if kind == "hardlink":
+        if not link:
+            raise FormatError(f"TOC {_where(index, rec)}: hardlink without 'linkName'")
+        entry.link_name = clean_name(link)
+    elif kind == "symlink":
+        entry.link_name = link
+    return entry
 
 
 def _attach_chunk(owner: Entry, rec: dict, index: int) -> None:
@@ -325,9 +403,10 @@ def _index(entries: list[Entry]) -> dict[str, Entry]:
     if "" not in by_name:
         by_name[""] = Entry(name="", type="dir", mode=0o755, implicit=True)
     for name in list(by_name):
-        parent = posixpath.dirname(name)
+        # cleaned names have no leading, trailing or doubled "/": rpartition is dirname
+        parent = name.rpartition("/")[0]
         while name and parent not in by_name:
             by_name[parent] = Entry(name=parent, type="dir", mode=0o755, implicit=True)
-            parent = posixpath.dirname(parent)
+            parent = parent.rpartition("/")[0]
         # a present parent ends the walk: its own ancestors are handled when it is visited
     return by_name

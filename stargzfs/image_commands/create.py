@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stargzfs.errors import StargzfsError, UsageError
-from stargzfs.estargz.toc import parse_toc
-from stargzfs.rafs.build import COMPRESSORS, build_bootstrap
-from stargzfs.rafs.check import check_bootstrap
+from stargzfs.gcpause import paused_gc
+from stargzfs.rafs.build import COMPRESSORS, build_bootstrap_from_toc_file
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -78,6 +77,13 @@ def write_files_atomically(outputs: Sequence[tuple[Path, bytes]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The cyclic GC stays off for the whole command, not only inside the build: re-enabled
+    # in between, it would scan every TOC entry and tree node once more (~5% of the run).
+    with paused_gc():
+        return _create(args)
+
+
+def _create(args: argparse.Namespace) -> int:
     if args.source_type != "stargz_index":
         raise UsageError(f"--source-type {args.source_type!r} is not supported (only stargz_index)")
     if args.fs_version != "6":
@@ -86,18 +92,16 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.source)
     if not source.is_file():
         raise UsageError(f"TOC {str(source)!r} is not a regular file")
-    try:
-        raw = source.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read TOC {str(source)!r}: {exc.strerror}") from None
-    result = build_bootstrap(
-        parse_toc(raw),
+    result = build_bootstrap_from_toc_file(
+        source,
         blob_id=args.blob_id,
         chunk_size=chunk_size,
         repeatable=args.repeatable,
         compressor=args.compressor,
     )
     if not args.disable_check:
+        from stargzfs.rafs.check import check_bootstrap  # not on the --disable-check path (start-up time)
+
         report = check_bootstrap(result.bootstrap, {0: result.blob_meta} if result.blob_meta else {})
         if not report.ok:
             raise StargzfsError(f"built bootstrap failed its check: {report.errors[0]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from stargzfs.errors import FormatError
 
@@ -44,6 +45,19 @@ class ChunkMeta:
     uncompressed_size: int
     compressed_offset: int
     compressed_size: int
+
+
+class ChunkLocation(Protocol):
+    """What the encoder reads from a chunk: ChunkMeta, or the builder's tree.ChunkRef."""
+
+    @property
+    def uncompressed_offset(self) -> int: ...
+    @property
+    def uncompressed_size(self) -> int: ...
+    @property
+    def compressed_offset(self) -> int: ...
+    @property
+    def compressed_size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,7 @@ def _round_up(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
 
 
-def _encode_chunk(index: int, chunk: ChunkMeta) -> bytes:
+def _encode_chunk(index: int, chunk: ChunkLocation) -> bytes:
     uoff, usize = chunk.uncompressed_offset, chunk.uncompressed_size
     coff, csize = chunk.compressed_offset, chunk.compressed_size
     if uoff % PAGE_SIZE or not 0 <= uoff <= MAX_UNCOMPRESSED_OFFSET:
@@ -113,16 +127,37 @@ def _encode_header(header: BlobMetaHeader) -> bytes:
     return head + bytes(_MAGIC2_OFFSET - len(head)) + struct.pack("<I", header.magic)
 
 
-def encode_blob_meta(chunks: Sequence[ChunkMeta]) -> bytes:
+def encode_blob_meta(chunks: Sequence[ChunkLocation]) -> bytes:
     """Chunks must already be in chunk-index order (= uncompressed-offset order).
 
     A compressed size of 0 (always the case for v2.1 stargz) is stored as v2.1 release
-    builds do: bits 40-63 all ones.
+    builds do: bits 40-63 all ones. Any object with ChunkMeta's four attributes will do
+    (the builder passes its chunk refs directly: no per-chunk copies on 1M-chunk layers).
     """
     header = blob_meta_header_for(len(chunks))
-    array = b"".join(_encode_chunk(index, chunk) for index, chunk in enumerate(chunks))
-    padding = bytes(_round_up(len(array), PAGE_SIZE) - len(array))
-    return array + padding + _encode_header(header)
+    array_size = CHUNK_INFO_SIZE * len(chunks)
+    out = bytearray(_round_up(array_size, PAGE_SIZE))
+    pack_into = _CHUNK_INFO.pack_into
+    position = 0
+    for index, chunk in enumerate(chunks):
+        uoff, usize = chunk.uncompressed_offset, chunk.uncompressed_size
+        coff, csize = chunk.compressed_offset, chunk.compressed_size
+        if (
+            uoff & (PAGE_SIZE - 1) or not 0 <= uoff <= MAX_UNCOMPRESSED_OFFSET or not 1 <= usize <= MAX_CHUNK_SIZE
+            or not 0 <= coff <= MAX_COMPRESSED_OFFSET or csize
+        ):
+            # unusual (a known compressed size) or invalid: the checked per-chunk encoder
+            out[position:position + CHUNK_INFO_SIZE] = _encode_chunk(index, chunk)
+        else:
+            size_minus_one = usize - 1
+            pack_into(
+                out, position,
+                uoff | ((size_minus_one & 0xFFFFF) << 44) | (((size_minus_one >> 20) & 0xF) << 8),
+                coff | _UNKNOWN_CSIZE_BITS,
+            )
+        position += CHUNK_INFO_SIZE
+    out += _encode_header(header)
+    return bytes(out)
 
 
 def _decode_chunk(word0: int, word1: int) -> ChunkMeta:

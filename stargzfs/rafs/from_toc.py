@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import stat
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from stargzfs.errors import FormatError, UnsupportedError
@@ -64,10 +65,21 @@ def _xattrs(entry: Entry) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _block_id(blob_id: bytes, compressed_offset: int, uncompressed_offset: int, file_offset: int) -> bytes:
-    """Unique per TOC data record; hardlink paths reuse it, as v2.1's serde-JSON ids do."""
-    fields = _BLOCK_ID_FIELDS.pack(compressed_offset, uncompressed_offset, file_offset)
-    return hashlib.sha256(b"stargzfs-chunk\0" + blob_id + b"\0" + fields).digest()
+def _block_id_hasher(blob_id: bytes) -> Callable[[int, int, int], bytes]:
+    """Unique per TOC data record; hardlink paths reuse it, as v2.1's serde-JSON ids do.
+
+    sha256 keeps the ids (and so the chunk-table order) identical to earlier builds; the
+    common prefix is hashed once and copied per chunk.
+    """
+    prefix = hashlib.sha256(b"stargzfs-chunk\0" + blob_id + b"\0")
+    pack = _BLOCK_ID_FIELDS.pack
+
+    def block_id(compressed_offset: int, uncompressed_offset: int, file_offset: int) -> bytes:
+        hasher = prefix.copy()
+        hasher.update(pack(compressed_offset, uncompressed_offset, file_offset))
+        return hasher.digest()
+
+    return block_id
 
 
 def _check_chunking(entry: Entry, chunk_size: int) -> None:
@@ -92,6 +104,84 @@ def _check_chunking(entry: Entry, chunk_size: int) -> None:
         )
 
 
+# `_new_node` fills every slot itself: fail loudly at import if tree.Node changes shape.
+if Node.__slots__ != (
+    "name", "mode", "uid", "gid", "mtime", "mtime_nsec", "size", "rdev", "symlink",
+    "xattrs", "chunks", "children", "link", "nid",
+):
+    raise ImportError("tree.Node's slots changed: update stargzfs.rafs.from_toc._new_node")
+_object_new = object.__new__
+
+
+def _new_node(
+    name: bytes, mode: int, uid: int, gid: int, mtime: int, mtime_nsec: int, xattrs: list[tuple[bytes, bytes]],
+    is_dir: bool,
+) -> Node:
+    """Node(...) minus its keyword-argument __init__: a quarter of the cost, per TOC entry."""
+    node = _object_new(Node)
+    node.name, node.mode, node.uid, node.gid = name, mode, uid, gid
+    node.mtime, node.mtime_nsec, node.size, node.rdev = mtime, mtime_nsec, 0, 0
+    node.symlink, node.xattrs, node.chunks = None, xattrs, []
+    node.children = {} if is_dir else None
+    node.link, node.nid = None, 0
+    return node
+
+
+def _data_records(
+    toc: Toc, *, blob_id: bytes, chunk_size: int, blob_index: int
+) -> tuple[list[list[ChunkRef] | None], int]:
+    """Step 1: data records in TOC order, v2.1's virtual uncompressed blob (4 KiB aligned).
+
+    Chunk indexes are provisional (creation order); `_assign_chunk_indexes` keeps them
+    when every record is referenced exactly once, the usual case.
+    Returns the refs (in file order) of the entry at each position of `toc.entries`, None
+    for entries without data, and the number of refs made.
+    """
+    block_id = _block_id_hasher(blob_id)
+    make_ref = tuple.__new__  # ChunkRef(...) costs twice as much; fields in ChunkRef order
+    refs_at: list[list[ChunkRef] | None] = [None] * len(toc.entries)
+    next_uoff = 0
+    last_coff = -1
+    last_where = ""
+    created = 0
+    for position, entry in enumerate(toc.entries):
+        chunks = entry.chunks
+        if not chunks:
+            continue
+        if len(chunks) == 1:
+            chunk = chunks[0]
+            if chunk.inner_offset or chunk.chunk_offset or chunk.size != entry.size or entry.size > chunk_size:
+                _check_chunking(entry, chunk_size)  # raises the precise error
+        else:
+            _check_chunking(entry, chunk_size)
+            chunks = sorted(chunks, key=lambda c: c.raw_index)
+        refs: list[ChunkRef] = []
+        for chunk in chunks:
+            offset = chunk.offset
+            if offset <= last_coff:
+                raise UnsupportedError(
+                    f"TOC entry {entry.name!r}: compressed offset {offset} is out of order "
+                    f"(not after {last_coff} of {last_where!r})"
+                )
+            if offset > MAX_COMPRESSED_OFFSET:
+                raise UnsupportedError(f"TOC entry {entry.name!r}: compressed offset {offset} exceeds 2^40")
+            last_coff = offset
+            last_where = entry.name
+            size = chunk.size
+            refs.append(
+                make_ref(ChunkRef, (blob_index, created, next_uoff, size, offset, 0, chunk.chunk_offset,
+                                    block_id(offset, next_uoff, chunk.chunk_offset)))
+            )
+            created += 1
+            next_uoff += (size + BLOCK_SIZE - 1) & -BLOCK_SIZE
+        if next_uoff > MAX_UNCOMPRESSED_END:
+            raise UnsupportedError(f"TOC: uncompressed layer data exceeds 2^44 bytes at {entry.name!r}")
+        if len(refs) > 1:
+            refs.sort(key=lambda r: r.file_offset)
+        refs_at[position] = refs
+    return refs_at, created
+
+
 def build_tree(
     toc: Toc,
     *,
@@ -100,41 +190,21 @@ def build_tree(
     repeatable: bool = True,
     compressor: str = "gzip",
     blob_index: int = 0,
+    consume_toc: bool = False,
 ) -> TocTree:
-    blob_id_bytes = blob_id.encode()
-    # 1. Data records in TOC order: v2.1's virtual uncompressed blob (4 KiB aligned).
-    refs_by_entry: dict[int, list[ChunkRef]] = {}
-    next_uoff = 0
-    last_coff = -1
-    last_where = ""
-    for entry in toc.entries:
-        if not entry.chunks:
-            continue
-        _check_chunking(entry, chunk_size)
-        refs: list[ChunkRef] = []
-        for chunk in sorted(entry.chunks, key=lambda c: c.raw_index):
-            if chunk.offset <= last_coff:
-                raise UnsupportedError(
-                    f"TOC entry {entry.name!r}: compressed offset {chunk.offset} is out of order "
-                    f"(not after {last_coff} of {last_where!r})"
-                )
-            if chunk.offset > MAX_COMPRESSED_OFFSET:
-                raise UnsupportedError(f"TOC entry {entry.name!r}: compressed offset {chunk.offset} exceeds 2^40")
-            last_coff, last_where = chunk.offset, entry.name
-            refs.append(
-                ChunkRef(blob_index, -1, next_uoff, chunk.size, chunk.offset, 0, chunk.chunk_offset,
-                         _block_id(blob_id_bytes, chunk.offset, next_uoff, chunk.chunk_offset))
-            )
-            next_uoff += _round_up(chunk.size, BLOCK_SIZE)
-        if next_uoff > MAX_UNCOMPRESSED_END:
-            raise UnsupportedError(f"TOC: uncompressed layer data exceeds 2^44 bytes at {entry.name!r}")
-        refs.sort(key=lambda r: r.file_offset)
-        refs_by_entry[id(entry)] = refs
+    """`consume_toc=True` empties `toc.entries`/`toc.by_name` while the nodes are made, so
+    entries and tree never both exist in full (the builder's peak RSS); the caller must
+    not use the Toc afterwards."""
+    refs_at, created = _data_records(
+        toc, blob_id=blob_id.encode(), chunk_size=chunk_size, blob_index=blob_index
+    )
 
     # 2. Nodes in TOC order; later duplicates replace earlier ones and keep their children.
     root = Node(b"", stat.S_IFDIR | 0o755)
     nodes: dict[str, Node] = {"": root}
     hardlinks: dict[int, tuple[Node, str, str]] = {}  # id(node) → (node, own name, target name)
+    with_chunks: list[Node] = []  # regular files that own data records (some replaced later)
+    replaced: set[int] = set()  # id() of nodes in with_chunks that a later duplicate replaced
 
     def ensure_dir(path: str) -> Node:
         """The directory at `path`, creating missing ancestors (mode 0755) top-down."""
@@ -154,43 +224,69 @@ def build_tree(
             raise FormatError(f"TOC: {path!r} is used as a directory but is not one")
         return found
 
-    for entry in toc.entries:
+    type_bits = TYPE_BITS
+    hidden = HIDDEN_ROOT_NAMES
+    new_node = _new_node
+    nodes_get = nodes.get
+    entries = toc.entries
+    if consume_toc:
+        toc.by_name.clear()
+    for position, entry in enumerate(entries):
+        if consume_toc:
+            entries[position] = None  # type: ignore[call-overload]  # freed once this loop drops it
         name = entry.name
-        if name in HIDDEN_ROOT_NAMES:
+        if name in hidden:
             continue
+        kind = entry.type
         uid, gid = (0, 0) if repeatable else (entry.uid, entry.gid)
-        mode = TYPE_BITS[entry.type] | entry.mode
-        if name == "":
+        mode = type_bits[kind] | entry.mode
+        xattrs = _xattrs(entry) if entry.xattrs else []
+        if not name:
             root.mode, root.uid, root.gid = mode, uid, gid
-            root.mtime, root.mtime_nsec, root.xattrs = entry.mtime, entry.mtime_nsec, _xattrs(entry)
+            root.mtime, root.mtime_nsec, root.xattrs = entry.mtime, entry.mtime_nsec, xattrs
             continue
         parent_path, _, base = name.rpartition("/")
-        raw_name = _encode_name(base, "name")
+        try:
+            raw_name = base.encode()
+        except UnicodeEncodeError:
+            raw_name = _encode_name(base, "name")  # raises the precise error
+        if "\0" in base:
+            _encode_name(base, "name")
         if len(raw_name) > MAX_NAME_LEN:
             raise UnsupportedError(f"TOC entry {name!r}: file name longer than {MAX_NAME_LEN} bytes")
-        parent = ensure_dir(parent_path)
-        node = Node(raw_name, mode, uid=uid, gid=gid, mtime=entry.mtime, mtime_nsec=entry.mtime_nsec,
-                    xattrs=_xattrs(entry))
-        if entry.type == "reg":
+        parent = nodes_get(parent_path)
+        if parent is None or parent.children is None:
+            parent = ensure_dir(parent_path)
+        node = new_node(raw_name, mode, uid, gid, entry.mtime, entry.mtime_nsec, xattrs, kind == "dir")
+        if kind == "reg":
             node.size = entry.size
-            node.chunks = refs_by_entry.get(id(entry), [])
-        elif entry.type == "symlink":
+            refs = refs_at[position]
+            if refs is not None:
+                refs_at[position] = None
+                node.chunks = refs
+                with_chunks.append(node)
+        elif kind == "dir":
+            pass
+        elif kind == "symlink":
             node.symlink = _encode_name(entry.link_name, "symlink target of " + repr(name))
             node.size = len(node.symlink)
-        elif entry.type in ("char", "block"):
+        elif kind == "char" or kind == "block":
             if entry.dev_major > 0xFFF or entry.dev_minor > 0xFFFFF:
                 raise UnsupportedError(f"TOC entry {name!r}: device {entry.dev_major}:{entry.dev_minor} too large")
             node.rdev = new_encode_dev(entry.dev_major, entry.dev_minor)
-        elif entry.type == "hardlink":
+        elif kind == "hardlink":
             hardlinks[id(node)] = (node, name, entry.link_name)
-        existing = parent.children.get(raw_name)  # type: ignore[union-attr]
+        children = parent.children
+        existing = children.get(raw_name)
         if existing is not None:
             hardlinks.pop(id(existing), None)
+            if existing.chunks:  # in with_chunks, which keeps it alive: its id stays unique
+                replaced.add(id(existing))
             if existing.children and node.children is not None:
                 node.children = existing.children
             elif existing.children:
                 raise FormatError(f"TOC entry {name!r}: a non-directory replaces a non-empty directory")
-        parent.children[raw_name] = node  # type: ignore[index]
+        children[raw_name] = node
         nodes[name] = node
 
     # 3. Hardlinks: follow chains to a real inode, then share it (attributes, xattrs, chunks).
@@ -211,38 +307,17 @@ def build_tree(
             target.link = LinkGroup()
         node.copy_attributes_from(target)
         node.link = target.link
+        if node.chunks:
+            with_chunks.append(node)
+    del nodes, hardlinks
 
-    # 4. Chunk indexes: every path's references, sorted by uncompressed offset (v2.1 §1.5);
-    #    each record gets the last index of its run of duplicates.
-    reference_counts: dict[int, int] = {}
-    chunk_lists: dict[int, list[ChunkRef]] = {}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node.children is not None:
-            stack.extend(node.children.values())
-        elif node.chunks:
-            chunk_lists[id(node.chunks)] = node.chunks
-            for ref in node.chunks:
-                reference_counts[ref.uncompressed_offset] = reference_counts.get(ref.uncompressed_offset, 0) + 1
-    offsets = sorted(reference_counts)
-    last_index: dict[int, int] = {}
-    total = 0
-    for uoff in offsets:
-        total += reference_counts[uoff]
-        last_index[uoff] = total - 1
-    if total > MAX_ENTRIES:
-        raise UnsupportedError(f"TOC has {total} chunk references; blob.meta v1 holds at most {MAX_ENTRIES}")
-    by_uoff: dict[int, ChunkRef] = {}
-    for refs in chunk_lists.values():
-        refs[:] = [ref._replace(chunk_index=last_index[ref.uncompressed_offset]) for ref in refs]
-        for ref in refs:
-            by_uoff[ref.uncompressed_offset] = ref
-    index_records = [by_uoff[uoff] for uoff in offsets for _ in range(reference_counts[uoff])]
-
+    live = [node for node in with_chunks if id(node) not in replaced] if replaced else with_chunks
+    del with_chunks
+    index_records = _assign_chunk_indexes(live, created)
     blobs: list[BlobInfo] = []
     if index_records:
-        last = by_uoff[offsets[-1]]
+        last = index_records[-1]
+        total = len(index_records)
         header = blob_meta_header_for(total)
         blobs.append(
             BlobInfo(
@@ -269,3 +344,49 @@ def build_tree(
         explicit_uid_gid=not repeatable,
     )
     return TocTree(image, index_records)
+
+
+def _assign_chunk_indexes(files: Iterable[Node], created: int) -> list[ChunkRef]:
+    """Step 4: every path's references, sorted by uncompressed offset (v2.1 §1.5); each
+    record gets the last index of its run of duplicates. Returns the record at each chunk
+    index 0..n-1 (hardlink duplicates included, as v2.1 counts).
+
+    Without hardlinks to data and without replaced duplicates, every record is referenced
+    once and the provisional creation-order indexes already are the answer.
+    """
+    paths_of_list: dict[int, int] = {}  # id(chunk list) → number of paths sharing it
+    lists: dict[int, list[ChunkRef]] = {}
+    for node in files:
+        key = id(node.chunks)
+        paths_of_list[key] = paths_of_list.get(key, 0) + 1
+        lists[key] = node.chunks
+    total = distinct = 0
+    for key, refs in lists.items():
+        total += len(refs) * paths_of_list[key]
+        distinct += len(refs)
+    if total > MAX_ENTRIES:
+        raise UnsupportedError(f"TOC has {total} chunk references; blob.meta v1 holds at most {MAX_ENTRIES}")
+    if total == distinct == created:
+        # every record alive and referenced once: indexes are creation order, which is
+        # uncompressed-offset order
+        by_index = [ref for refs in lists.values() for ref in refs]
+        by_index.sort(key=lambda ref: ref.chunk_index)
+        return by_index
+
+    reference_counts: dict[int, int] = {}
+    for key, refs in lists.items():
+        count = paths_of_list[key]
+        for ref in refs:
+            reference_counts[ref.uncompressed_offset] = reference_counts.get(ref.uncompressed_offset, 0) + count
+    offsets = sorted(reference_counts)
+    last_index: dict[int, int] = {}
+    running = 0
+    for uoff in offsets:
+        running += reference_counts[uoff]
+        last_index[uoff] = running - 1
+    by_uoff: dict[int, ChunkRef] = {}
+    for refs in lists.values():
+        refs[:] = [ref._replace(chunk_index=last_index[ref.uncompressed_offset]) for ref in refs]
+        for ref in refs:
+            by_uoff[ref.uncompressed_offset] = ref
+    return [by_uoff[uoff] for uoff in offsets for _ in range(reference_counts[uoff])]

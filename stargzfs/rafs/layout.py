@@ -7,6 +7,7 @@ directory's dirents need the nids of child directories that are placed later.
 
 from __future__ import annotations
 
+import stat
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from stargzfs.rafs.tree import Node
 
 DIR, SYMLINK, FILE = 0, 1, 2  # placement kinds: dirent data, symlink data, chunk indexes/none
 MAX_XATTR_SIZE = 0xFFFF * 4  # i_xattr_icount is a u16
+_S_IFMT, _S_IFREG = 0o170000, stat.S_IFREG  # file-type mask, regular file
 
 
 def _round_up(value: int, align: int) -> int:
@@ -143,15 +145,6 @@ class _Allocator:
         self.align(BLOCK_SIZE)
         return addr, data_addr, False
 
-    def place_file(self, inode_size: int, chunk_count: int) -> int:
-        addr = self.take(_round_up(inode_size, 8) + 8 * chunk_count)
-        if addr is None:
-            addr = self.offset
-            self.offset += inode_size
-            self.align(8)
-            self.offset += 8 * chunk_count
-        return addr
-
 
 def compute_layout(root: Node, *, chunk_size: int, root_ino: int = 1) -> Layout:
     alloc = _Allocator()
@@ -179,9 +172,9 @@ def compute_layout(root: Node, *, chunk_size: int, root_ino: int = 1) -> Layout:
         addr_of[id(directory)] = addr
         alloc.align(32)
         subdirs: list[Node] = []
+        inode_count += len(names)
         for name in names:
             child = children[name]
-            inode_count += 1
             group = child.link if child.children is None else None
             if group is not None:
                 nlink_of_group[id(group)] = nlink_of_group.get(id(group), 0) + 1
@@ -193,39 +186,42 @@ def compute_layout(root: Node, *, chunk_size: int, root_ino: int = 1) -> Layout:
                 next_ino += 1
             ino = next_ino
             next_ino += 1
-            ino_of[id(child)] = ino
             if child.children is not None:
+                ino_of[id(child)] = ino
                 subdirs.append(child)
                 continue
             xsize = xattr_body_size(child.xattrs) if child.xattrs else 0
-            if child.symlink is None and not xsize and not child.chunks and not alloc.mask:
-                # hot path (empty files, devices): bump-allocate one 64-byte inode, 32-aligned
-                caddr = alloc.offset
-                alloc.offset = caddr + INODE_EXTENDED.size
-                if child.is_reg and child.size:
-                    raise UnsupportedError(f"{name!r}: {child.size} bytes but no chunks")
-                placements.append(Placement(child, FILE, caddr, ino, 0))
-                addr_of[id(child)] = caddr
-                if group is not None:
-                    group_first[id(group)] = (ino, caddr)
-                continue
-            if child.symlink is not None:
+            if child.symlink is None:
+                # regular files and devices: inode, 8-aligned chunk indexes, then align to 32;
+                # inline (the hot loop of a million-entry layer); the offset is 32-aligned here
+                count = len(child.chunks)
+                is_reg = (child.mode & _S_IFMT) == _S_IFREG
+                if not count and not xsize and not alloc.mask:
+                    caddr = alloc.offset
+                    alloc.offset = caddr + INODE_EXTENDED.size
+                    if is_reg and child.size:
+                        raise UnsupportedError(f"{name!r}: {child.size} bytes but no chunks")
+                else:
+                    if is_reg and count != -(-child.size // chunk_size):
+                        raise UnsupportedError(
+                            f"{name!r}: {count} chunks for {child.size} bytes, need ceil(size/{chunk_size:#x})"
+                        )
+                    inode_end = (INODE_EXTENDED.size + xsize + 7) & -8
+                    found = alloc.take(inode_end + 8 * count) if alloc.mask else None
+                    if found is None:
+                        caddr = alloc.offset
+                        alloc.offset = (caddr + inode_end + 8 * count + 31) & -32
+                    else:
+                        caddr = found
+                placements.append(Placement(child, FILE, caddr, ino, xsize))
+            else:
                 target_len = len(child.symlink)
                 caddr, cdata, cinline = alloc.place_with_tail(INODE_EXTENDED.size + xsize, target_len)
-                placement = Placement(child, SYMLINK, caddr, ino, xsize, target_len, cdata, cinline)
-            else:
-                count = len(child.chunks)
-                if child.is_reg and count != -(-child.size // chunk_size):
-                    raise UnsupportedError(
-                        f"{name!r}: {count} chunks for {child.size} bytes, need ceil(size/{chunk_size:#x})"
-                    )
-                caddr = alloc.place_file(INODE_EXTENDED.size + xsize, count)
-                placement = Placement(child, FILE, caddr, ino, xsize)
-            placements.append(placement)
-            addr_of[id(child)] = placement.addr
+                placements.append(Placement(child, SYMLINK, caddr, ino, xsize, target_len, cdata, cinline))
+                alloc.align(32)
+            addr_of[id(child)] = caddr
             if group is not None:
-                group_first[id(group)] = (ino, placement.addr)
-            alloc.align(32)
+                group_first[id(group)] = (ino, caddr)
         for sub in reversed(subdirs):
             stack.append((sub, directory))
     return Layout(placements, addr_of, nlink_of_group, alloc.offset, inode_count)

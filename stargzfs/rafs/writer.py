@@ -50,6 +50,8 @@ _FORMAT_PLAIN = i_format(True, LAYOUT_FLAT_PLAIN)
 _FORMAT_INLINE = i_format(True, LAYOUT_FLAT_INLINE)
 _FORMAT_CHUNKED = i_format(True, LAYOUT_CHUNK_BASED)
 MAX_INODE_FIELD = 0xFFFFFFFF
+DIRENT_SIZE = DIRENT.size
+_S_IFMT, _S_IFREG, _S_IFCHR, _S_IFBLK = 0o170000, stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK
 
 
 def _round_up(value: int, align: int) -> int:
@@ -97,13 +99,17 @@ def write_bootstrap(image: RafsImage) -> bytes:
     buf = bytearray(total)
 
     has_xattr = _emit_inodes(buf, layout, meta_addr, image.chunk_size)
-    for position, key in enumerate(sorted(records)):
+    pack_record = CHUNK_RECORD.pack_into
+    position = chunk_table_offset
+    for key in sorted(records):
         ref = records[key]
-        CHUNK_RECORD.pack_into(
-            buf, chunk_table_offset + CHUNK_RECORD.size * position,
+        pack_record(
+            buf, position,
             ref.block_id, ref.blob_index, CHUNK_FLAG_COMPRESSED, ref.compressed_size, ref.uncompressed_size,
             ref.compressed_offset, ref.uncompressed_offset, ref.file_offset, ref.chunk_index, 0,
         )
+        position += CHUNK_RECORD.size
+    del records
     bt_offset = blob_table_offset(len(blobs))
     for index, blob in enumerate(blobs):
         blob_id = blob.blob_id.encode()
@@ -135,13 +141,17 @@ def write_bootstrap(image: RafsImage) -> bytes:
     return bytes(buf)
 
 
-def _chunk_records(layout: Layout) -> dict[tuple[bytes, int], ChunkRef]:
-    """One chunk-table record per (block_id, blob); the writer sorts by that key."""
-    records: dict[tuple[bytes, int], ChunkRef] = {}
+def _chunk_records(layout: Layout) -> dict[bytes, ChunkRef]:
+    """One chunk-table record per (block_id, blob); the writer sorts by that key.
+
+    The key is block_id + big-endian blob index: block ids are always 32 bytes, so bytes
+    order is (block_id, blob_index) order, and bytes sort much faster than tuples.
+    """
+    records: dict[bytes, ChunkRef] = {}
     for placement in layout.placements:
         if placement.kind == FILE:
             for ref in placement.node.chunks:
-                records[(ref.block_id, ref.blob_index)] = ref
+                records[ref.block_id + ref.blob_index.to_bytes(4, "big")] = ref
     return records
 
 
@@ -168,51 +178,61 @@ def _emit_inodes(buf: bytearray, layout: Layout, meta_addr: int, chunk_size: int
     addr_of = layout.addr_of
     nlink_of_group = layout.nlink_of_group
     pack_inode = INODE_EXTENDED.pack_into
-    pack_dirent = DIRENT.pack_into
     pack_index = CHUNK_INDEX.pack_into
     chunked_i_u = chunk_format(chunk_size)
+    inode_base = INODE_EXTENDED.size
     has_xattr = False
     for p in layout.placements:
         node = p.node
-        _check_fields(node)
+        uid, gid, mtime = node.uid, node.gid, node.mtime
+        if uid > MAX_INODE_FIELD or gid > MAX_INODE_FIELD or not 0 <= mtime < 1 << 64:
+            _check_fields(node)  # raises the precise error
+        mode = node.mode
+        kind = p.kind
         pos = meta_addr + p.addr
-        inode_size = INODE_EXTENDED.size + p.xattr_size
-        if p.kind == FILE:
-            if node.is_reg:
-                fmt, i_u = _FORMAT_CHUNKED, chunked_i_u
+        xattr_size = p.xattr_size
+        if kind == FILE:
+            file_type = mode & _S_IFMT
+            if file_type == _S_IFREG:
+                fmt, i_u, size = _FORMAT_CHUNKED, chunked_i_u, node.size
             else:
-                fmt, i_u = _FORMAT_PLAIN, node.rdev if (stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode)) else 0
+                fmt, size = _FORMAT_PLAIN, 0
+                i_u = node.rdev if (file_type == _S_IFCHR or file_type == _S_IFBLK) else 0
             nlink = nlink_of_group[id(node.link)] if node.link is not None else 1
-            size = node.size if node.is_reg else 0
         else:
             fmt = _FORMAT_INLINE if p.inline else _FORMAT_PLAIN
             i_u = (meta_addr + p.data_addr) // BLOCK_SIZE
             size = p.data_size
-            if p.kind == DIR:
+            if kind == DIR:
                 nlink = 2 + sum(1 for child in (node.children or {}).values() if child.children is not None)
             else:
                 nlink = nlink_of_group[id(node.link)] if node.link is not None else 1
-        icount = 0 if p.xattr_size == 0 else (p.xattr_size - XATTR_IBODY_HEADER.size) // 4 + 1
+        icount = 0 if xattr_size == 0 else (xattr_size - XATTR_IBODY_HEADER.size) // 4 + 1
         pack_inode(
-            buf, pos, fmt, icount, node.mode & 0xFFFF, 0, size, i_u, p.ino, node.uid, node.gid,
-            node.mtime, node.mtime_nsec, nlink, _EMPTY16,
+            buf, pos, fmt, icount, mode & 0xFFFF, 0, size, i_u, p.ino, uid, gid, mtime, node.mtime_nsec, nlink,
+            _EMPTY16,
         )
-        if p.xattr_size:
+        if xattr_size:
             has_xattr = True
-            _emit_xattrs(buf, pos + INODE_EXTENDED.size, node.xattrs)
-        if p.kind == FILE:
-            index_pos = _round_up(pos + inode_size, 8)
-            for ref in node.chunks:
-                pack_index(
-                    buf, index_pos, ref.chunk_index & 0xFFFF,
-                    ((ref.blob_index + 1) & 0xFF) | (((ref.chunk_index >> 16) & 0xFF) << 8),
-                    ref.uncompressed_offset // BLOCK_SIZE,
-                )
-                index_pos += 8
-        elif p.kind == SYMLINK:
-            _emit_data(buf, node.symlink or b"", meta_addr + p.data_addr, pos + inode_size, p.inline)
+            _emit_xattrs(buf, pos + inode_base, node.xattrs)
+        if kind == FILE:
+            chunks = node.chunks
+            if chunks:
+                index_pos = (pos + inode_base + xattr_size + 7) & -8
+                for ref in chunks:
+                    chunk_index = ref.chunk_index
+                    pack_index(
+                        buf, index_pos, chunk_index & 0xFFFF,
+                        ((ref.blob_index + 1) & 0xFF) | (((chunk_index >> 16) & 0xFF) << 8),
+                        ref.uncompressed_offset // BLOCK_SIZE,
+                    )
+                    index_pos += 8
+        elif kind == SYMLINK:
+            _emit_data(buf, node.symlink or b"", meta_addr + p.data_addr, pos + inode_base + xattr_size, p.inline)
         else:
-            _emit_dirents(buf, p.entries or [], addr_of, meta_addr + p.data_addr, pos + inode_size, p.inline)
+            _emit_dirents(
+                buf, p.entries or [], addr_of, meta_addr + p.data_addr, pos + inode_base + xattr_size, p.inline
+            )
     return has_xattr
 
 
@@ -228,21 +248,26 @@ def _emit_dirents(
     inline: bool,
 ) -> None:
     """Blocks of [dirents][names]; the last partial block goes inline when `inline`."""
-    blocks: list[list[tuple[bytes, Node]]] = [[]]
+    bounds: list[int] = [0]  # index of each block's first entry, then len(entries)
     used = 0
-    for name, child in entries:
-        cost = DIRENT.size + len(name)
+    for number, (name, _) in enumerate(entries):
+        cost = DIRENT_SIZE + len(name)
         if used + cost > BLOCK_SIZE:
-            blocks.append([])
+            bounds.append(number)
             used = 0
-        blocks[-1].append((name, child))
         used += cost
-    for number, block in enumerate(blocks):
-        is_last = number == len(blocks) - 1
-        base = tail_pos if (inline and is_last) else data_pos + BLOCK_SIZE * number
-        nameoff = DIRENT.size * len(block)
-        for slot, (name, child) in enumerate(block):
-            ftype = FILE_TYPE_BY_IFMT.get((child.mode >> 12) & 0o17, 0)
-            DIRENT.pack_into(buf, base + DIRENT.size * slot, addr_of[id(child)] // 32, nameoff, ftype, 0)
-            buf[base + nameoff:base + nameoff + len(name)] = name
+    bounds.append(len(entries))
+    pack_dirent = DIRENT.pack_into
+    file_types = FILE_TYPE_BY_IFMT
+    last = len(bounds) - 2
+    for number in range(last + 1):
+        block = entries[bounds[number]:bounds[number + 1]]
+        base = tail_pos if (inline and number == last) else data_pos + BLOCK_SIZE * number
+        nameoff = DIRENT_SIZE * len(block)
+        names_at = base + nameoff
+        for name, child in block:
+            pack_dirent(buf, base, addr_of[id(child)] // 32, nameoff, file_types.get((child.mode >> 12) & 0o17, 0), 0)
+            base += DIRENT_SIZE
             nameoff += len(name)
+        names = b"".join([name for name, _ in block])
+        buf[names_at:names_at + len(names)] = names
