@@ -155,7 +155,7 @@ def test_missing_blob_is_a_registry_error(registry, capsys) -> None:
     code = main(["toc", f"{registry.host}/cli-toc/gzip", digest])
     err = capsys.readouterr().err
     assert (code, err.count("\n")) == (4, 1)
-    assert "404" in err and digest in err
+    assert "HTTP 404" in err and digest in err
 
 
 def test_console_script_end_to_end(estargz_image: PushedImage, tmp_path: Path) -> None:

@@ -120,7 +120,7 @@ async def test_range_past_end_names_range_and_size(registry: RegistryProcess, pu
         assert f"size {size}" in message
         assert pushed_blob.digest in message
         assert REPOSITORY in message
-    assert "416" in str(unsatisfiable.value)
+    assert "HTTP 416" in str(unsatisfiable.value)
     assert f"[{size + 10}, {size + 20})" in str(unsatisfiable.value)
 
 
