@@ -41,6 +41,8 @@ from stargzfs.convert import (
     temp_name_patterns,
 )
 from stargzfs.errors import StargzfsError, UsageError
+from stargzfs.estargz.toc import TOC_NAME
+from stargzfs.fuse.provider import ChangeNotifier
 from stargzfs.registry import RegistryClient, RegistryConfig
 from stargzfs.registry.auth import CredentialCache
 from stargzfs.settings import MountSettings
@@ -88,7 +90,22 @@ class SnapshotRootProvider:
         self._credentials = CredentialCache()
         self._layer_sources: dict[str, str] = {}  # layer hex -> a snapshot id whose fs dir has its outputs
         self.conversions = 0
+        self._notifier: ChangeNotifier | None = None
         self._remove_stale_temps()
+
+    def bind_notifier(self, notifier: ChangeNotifier) -> None:
+        """The mount's cache invalidation; set once it talks to the kernel."""
+        self._notifier = notifier
+
+    def _layer_outputs(self, layer_hex: str) -> list[str]:
+        names = [layer_hex, TOC_NAME]
+        return names + [f"{layer_hex}.blob.meta"] if self.fscache else names
+
+    def _changed(self, snapshot_id: str, *names: str) -> None:
+        """Files appeared in MNT/<snapshot_id>/: the kernel must not serve stale entries/attrs."""
+        if self._notifier is not None:
+            for name in names:
+                self._notifier.notify_changed(snapshot_id, name)
 
     # ----------------------------------------------------------------- start-up
     def _open_cache_dir(self) -> int:
@@ -339,6 +356,7 @@ class SnapshotRootProvider:
             return False
         self._layer_sources[layer_hex] = source_id
         log.info("snapshot %s: copied layer %s from snapshot %s", snapshot.id, layer_hex[:12], source_id)
+        self._changed(snapshot.id, *self._layer_outputs(layer_hex))
         await self._record(state.record_layer, layer_hex, status="converted", snapshot_id=snapshot.id)
         return True
 
@@ -369,6 +387,7 @@ class SnapshotRootProvider:
         self._layer_sources[layer_hex] = snapshot.id
         if created:
             self.conversions += 1
+            self._changed(snapshot.id, *self._layer_outputs(layer_hex))
             log.info("snapshot %s: converted layer %s in %.2fs", snapshot.id, layer_hex[:12],
                      time.monotonic() - started)
             await self._record(state.record_layer, layer_hex, status="converted", snapshot_id=snapshot.id)
@@ -445,5 +464,7 @@ class SnapshotRootProvider:
                 os.close(fd)
         self._failures.pop(key, None)
         if created:
+            copies = [f"{layer.layer_hex}.blob.meta" for layer in chain if self.fscache and layer.id != snapshot.id]
+            self._changed(snapshot.id, IMAGE_BOOT, *copies)
             log.info("snapshot %s: image.boot from %d layer(s)", snapshot.id, len(chain))
             await self._record(state.record_image, snapshot.id, status="merged")

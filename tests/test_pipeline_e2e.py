@@ -499,3 +499,18 @@ def test_escape_attempts_never_leave_root(world: World, daemons, tmp_path: Path)
         moved.rename(swap_fs)
     assert (secret.read_bytes(), secret.stat().st_mtime_ns, sorted(os.listdir(world.outside))) == before
     assert read_journal(journal)[0]["ok"]
+
+
+def test_files_built_in_other_dirs_invalidate_their_cached_attrs(world: World, daemons, fresh_root) -> None:
+    """Opening image.boot builds the lower layers' bootstraps in *their* dirs; with long attr
+    timeouts the kernel would keep showing those dirs' old attributes unless the daemon says so."""
+    root = fresh_root({"inv": image_chain(world.gzip)[:2]})
+    daemon = daemons(root.root, config={"attr_timeout": 60.0, "entry_timeout": 60.0})
+    lower_dir = daemon.mountpoint / root.sid("inv", 0)
+    before = os.stat(lower_dir)  # cached for 60 s from now on
+    time.sleep(0.02)  # let the real dir's mtime move when the bootstrap lands
+    with open(daemon.mountpoint / root.sid("inv", 1) / IMAGE_BOOT, "rb") as handle:
+        assert handle.read(1)
+    real = os.stat(root.fs("inv", 0))
+    assert real.st_mtime_ns != before.st_mtime_ns  # the conversion wrote into the lower dir
+    assert os.stat(lower_dir).st_mtime_ns == real.st_mtime_ns

@@ -119,6 +119,9 @@ class PassthroughOperations(pyfuse3.Operations):
         """Run materialize() in tasks of this nursery and start talking back to the kernel."""
         self._nursery = nursery
         self._kernel_notifications = True
+        bind = getattr(self.provider, "bind_notifier", None)
+        if bind is not None:
+            bind(self)
 
     def close(self) -> None:
         self.inodes.close_all()

@@ -48,7 +48,12 @@ class Provider(Protocol):
 
 
 class ChangeNotifier(Protocol):
-    """Handed to providers that create files on their own (outside `materialize`)."""
+    """Handed to providers that create files on their own (outside `materialize`).
+
+    The ops layer calls `provider.bind_notifier(ops)` at mount time when the provider has
+    that method, so the provider can drop the kernel's caches for files it creates in
+    directories other than the one being looked up (e.g. a chain's lower layers).
+    """
 
     def notify_changed(self, top: str, name: str) -> None:
         """Drop the kernel's cached entry/attributes for MNT/<top>/<name> and MNT/<top>."""
