@@ -41,6 +41,10 @@ BUCKET_LEAF_FLAG = 0x01
 MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 1 << 16
 DEFAULT_ATTEMPTS = 50
+#: Walks of the live file before falling back to copying it first. A walk parses in
+#: Python and can outlast a busy writer's commit interval every time; one pread of the
+#: whole file is a far shorter window, so the copy succeeds where walks starve.
+LIVE_WALK_ATTEMPTS = 5
 
 _PAGE_HEADER = struct.Struct("<QHHI")
 _META = struct.Struct("<IIIIQQQQQQ")
@@ -143,11 +147,22 @@ def read_meta(fd: int, path: Path) -> Meta:
 class Tx:
     """One read attempt pinned to a meta; reads pages and remembers which it has visited."""
 
-    def __init__(self, fd: int, path: Path, meta: Meta) -> None:
+    def __init__(self, fd: int, path: Path, meta: Meta, image: bytes | None = None) -> None:
         self.fd = fd
         self.path = path
         self.meta = meta
+        self.image = image  # a copy of the file taken under this meta, else read the live file
         self.visited: set[int] = set()  # page ids read so far; a second visit means corruption
+
+    def read(self, size: int, offset: int, what: str) -> bytes:
+        if self.image is None:
+            return _pread_exact(self.fd, size, offset, what, self.path)
+        if offset + size > len(self.image):
+            raise FormatError(
+                f"{self.path}: truncated ({what} needs bytes {offset}..{offset + size}, "
+                f"file has {len(self.image)})"
+            )
+        return self.image[offset : offset + size]
 
     def root(self) -> Bucket:
         return Bucket(self, self.meta.root_pgid, self.meta.root_sequence, None, "root bucket")
@@ -166,7 +181,7 @@ class Tx:
             raise self.fail(f"page {pgid} is referenced twice (bucket {owner.name})")
         self.visited.add(pgid)
         page_size = meta.page_size
-        data = _pread_exact(self.fd, page_size, pgid * page_size, f"page {pgid}", self.path)
+        data = self.read(page_size, pgid * page_size, f"page {pgid}")
         page_id, flags, count, overflow = _PAGE_HEADER.unpack_from(data)
         if page_id != pgid:
             raise self.fail(f"page {pgid} carries id {page_id} (bucket {owner.name})")
@@ -175,9 +190,7 @@ class Tx:
         if overflow:
             if pgid + overflow >= meta.high_water_pgid:
                 raise self.fail(f"page {pgid} overflows {overflow} pages past the high-water mark")
-            data += _pread_exact(
-                self.fd, overflow * page_size, (pgid + 1) * page_size, f"page {pgid} overflow", self.path
-            )
+            data += self.read(overflow * page_size, (pgid + 1) * page_size, f"page {pgid} overflow")
         return flags, count, data
 
 
@@ -321,17 +334,24 @@ def read_consistent(
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise FormatError(f"{path}: not a regular file, so not a bbolt database")
             meta = read_meta(fd, path)
+            image: bytes | None = None
+            if attempt >= LIVE_WALK_ATTEMPTS:
+                image = os.pread(fd, meta.high_water_pgid * meta.page_size, 0)
+                copied_under = read_meta(fd, path)
             failure: StargzfsError | None = None
             result: T | None = None
             try:
-                result = visit(Tx(fd, path, meta))
+                if image is None or copied_under.txid == meta.txid:
+                    result = visit(Tx(fd, path, meta, image))
             except StargzfsError as exc:
                 failure = exc
             except (struct.error, IndexError, ValueError, OverflowError, RecursionError) as exc:
                 # Defence in depth: every structure is bounds-checked, but corrupt bytes must
                 # never surface as a traceback.
                 failure = FormatError(f"{path}: malformed database ({type(exc).__name__}: {exc})")
-            after = read_meta(fd, path)
+            # The copy is consistent if no commit landed while it was taken; a live walk
+            # only if none landed during the whole walk.
+            after = copied_under if image is not None else read_meta(fd, path)
         except OSError as exc:
             raise StargzfsError(f"{path}: cannot read: {exc.strerror}") from None
         finally:
