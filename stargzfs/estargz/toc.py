@@ -295,12 +295,7 @@ def _entries(records: list) -> tuple[list[Entry], bool]:
                 name, kind, mode & 0o7777, uid, gid, user_name, group_name, size, mtime, mtime_nsec, "",
                 dev_major, dev_minor, xattrs, digest or None, [], False, index,
             )
-            if kind == "hardlink":
-                if not link:
-                    raise FormatError(f"TOC {_where(index, rec)}: hardlink without 'linkName'")
-                entry.link_name = clean_name(link)
-            elif kind == "symlink":
-                entry.link_name = link
+            entry.link_name = _link_name(kind, link, index, rec)
         if user_name:
             user_names.setdefault(entry.uid, user_name)
         elif user_names:
@@ -363,14 +358,17 @@ def _slow_entry(rec: dict, index: int, name: str, kind: str) -> Entry:
             entry.mtime, entry.mtime_nsec = parse_rfc3339(modtime)
         except ValueError as exc:
             raise FormatError(f"TOC {_where(index, rec)}: {exc}") from None
-    link = _str(rec, "linkName", index)
+    entry.link_name = _link_name(kind, _str(rec, "linkName", index), index, rec)
+    return entry
+
+
+def _link_name(kind: str, link: str, index: int, rec: dict) -> str:
+    """Hardlink targets are archive paths (cleaned); symlink targets stay verbatim."""
     if kind == "hardlink":
         if not link:
             raise FormatError(f"TOC {_where(index, rec)}: hardlink without 'linkName'")
-        entry.link_name = clean_name(link)
-    elif kind == "symlink":
-        entry.link_name = link
-    return entry
+        return clean_name(link)
+    return link if kind == "symlink" else ""
 
 
 def _attach_chunk(owner: Entry, rec: dict, index: int) -> None:
