@@ -169,8 +169,10 @@ devices = []
 for blob in blobs:
     device = WORK / "cache-devices" / f"{blob['blob_id']}.img"
     device.parent.mkdir(exist_ok=True)
+    (layer_fs,) = [fs for fs in root.glob("snapshots/*/fs") if (fs / blob["blob_id"]).is_file()]
     run(BIN / "stargzfs-image", "materialize", "--blob-meta", root / "cache" / f"{blob['blob_id']}.blob.meta",
-        "--blob", f"{registry.url}/v2/{image.repository}/blobs/sha256:{blob['blob_id']}", "-o", device)
+        "--blob", f"{registry.url}/v2/{image.repository}/blobs/sha256:{blob['blob_id']}", "-o", device,
+        "--toc", layer_fs / "stargz.index.json")  # --toc: every chunk checked against its chunkDigest
     devices.append(device)
 
 section("10. the kernel's erofs mounts the merged image: the container's root filesystem")
