@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from stargzfs.atomicio import write_atomically
 from stargzfs.errors import UsageError
 
 STATE_DIR = "stargzfs"
@@ -69,16 +68,8 @@ def _update(root: Path, section: str, key: str, record: dict[str, Any]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = load_state(root)
         state[section][key] = record
-        fd, temp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(state, out, indent=1, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, directory / STATE_FILE)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        document = json.dumps(state, indent=1, sort_keys=True).encode("utf-8")
+        write_atomically(directory / STATE_FILE, document, mode=0o600)
 
 
 def record_layer(

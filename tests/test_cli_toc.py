@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import socket
 import subprocess
 import tarfile
 import zlib
@@ -183,3 +184,19 @@ def test_gzip_helper_sanity() -> None:
     """toc_inside must fail on a blob without a TOC, or the equality above proves nothing."""
     with pytest.raises(Exception):
         toc_inside(gzip.compress(b"x" * 100) + encode_gzip_footer(5), "gzip")
+
+
+def test_registry_timeout_and_retries_flags(capsys) -> None:  # type: ignore[no-untyped-def]
+    """A server that accepts but never answers: the flags bound each attempt and the attempts."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        code = main(["toc", f"{host}/some/repo", "sha256:" + "0" * 64,
+                     "--registry-timeout", "0.3", "--registry-retries", "0"])
+    assert code == 4
+    err = capsys.readouterr().err
+    assert "no answer within 0.3s" in err and "gave up after 1 attempts" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exited:
+        main(["toc", f"{host}/some/repo", "sha256:" + "0" * 64, "--registry-retries", "many"])
+    assert exited.value.code == 2

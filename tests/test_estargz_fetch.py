@@ -22,7 +22,7 @@ import trio
 import zstandard
 
 from stargzfs.errors import FormatError, NotEstargzError, UnsupportedError, UsageError, VerificationError
-from stargzfs.estargz.fetch import FileRangeReader, fetch_toc, read_chunk, read_toc_file
+from stargzfs.estargz.fetch import FileRangeReader, fetch_toc, inflate_prefix, read_chunk, read_toc_file
 from stargzfs.estargz.footer import encode_gzip_footer, encode_zstd_footer
 from stargzfs.estargz.toc import Chunk
 from support.paths import NYDUS_FIXTURES
@@ -413,3 +413,14 @@ async def test_offload_runs_decoding_in_a_worker_thread(tmp_path: Path) -> None:
     result = await fetch_toc(FileRangeReader(write(tmp_path, blob)), offload=offload)
     assert result.raw == toc_json
     assert threads and threads[0] is not threading.main_thread()
+
+
+def test_inflate_prefix_is_the_shared_chunk_decoder() -> None:
+    """What rafs.materialize uses for blob.meta chunks: a prefix of one member, trailing data ignored."""
+    member = gzip.compress(b"payload" + b"tar padding and the next header", mtime=0)
+    assert inflate_prefix(member + b"garbage after", 7, "gzip") == b"payload"
+    assert inflate_prefix(member, 3, "gzip", skip=4) == b"oad"
+    with pytest.raises(FormatError, match="gzip data decodes to 38 bytes, needs 50"):
+        inflate_prefix(member, 50, "gzip")
+    with pytest.raises(UnsupportedError, match="unknown compression 'lz4'"):
+        inflate_prefix(member, 1, "lz4")

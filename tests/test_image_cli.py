@@ -90,10 +90,23 @@ def test_bad_toc_leaves_previous_outputs_untouched(tmp_path: Path, capsys: pytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["boot", "toc.json"]
 
 
-def test_unwritable_output_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(seed_argv(tmp_path / "nodir" / "boot", tmp_path / "meta", LOWER_TOC)) == 2
-    assert "cannot write" in capsys.readouterr().err
+def test_missing_output_directory_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An output problem is exit 1 (README); 2 stays for missing/unreadable INPUT files."""
+    assert main(seed_argv(tmp_path / "nodir" / "boot", tmp_path / "meta", LOWER_TOC)) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'meta'}" not in err  # META's temp was written and discarded
+    assert f"cannot write {tmp_path / 'nodir' / 'boot'}: No such file or directory" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_report_into_a_missing_directory_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, meta = tmp_path / "boot", tmp_path / "meta"
+    assert main(seed_argv(out, meta, LOWER_TOC)) == 0
+    capsys.readouterr()
+    assert main(["check", "-B", str(out), "-J", str(tmp_path / "nodir" / "report.json")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "report.json: No such file or directory" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boot", "meta"]
 
 
 def test_zstd_compressor_extension(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,34 @@ def test_bad_urls(blob: str, message: str, lower: tuple[Toc, Path], tmp_path: Pa
     err = capsys.readouterr().err
     assert message in err and "hunter2" not in err
     assert not (tmp_path / "dev").exists()
+
+
+@pytest.fixture
+def silent_registry() -> Iterator[str]:
+    """host:port of a socket that accepts connections (kernel backlog) but never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_registry_timeout_and_retries_flags(
+    silent_registry: str, lower: tuple[Toc, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, meta = lower
+    url = f"http://{silent_registry}/v2/some/repo/blobs/sha256:{'0' * 64}"
+    dev = tmp_path / "dev"
+    argv = ["--blob-meta", meta, "--blob", url, "-o", dev, "--registry-timeout", "0.3", "--registry-retries", "1"]
+    assert run_materialize(*argv) == 4
+    err = capsys.readouterr().err
+    assert "no answer within 0.3s" in err and "gave up after 2 attempts" in err and err.count("\n") == 1
+    assert not dev.exists() and {p.name for p in tmp_path.iterdir()} == {"lower.blob.meta"}
+
+
+@pytest.mark.parametrize("flag, value", [("--registry-timeout", "0"), ("--registry-timeout", "x"),
+                                         ("--registry-retries", "-1")])
+def test_bad_registry_flags_exit_2(flag: str, value: str, lower: tuple[Toc, Path], tmp_path: Path) -> None:
+    _, meta = lower
+    with pytest.raises(SystemExit) as exited:
+        run_materialize("--blob-meta", meta, "--blob", LOWER_BLOB, "-o", tmp_path / "dev", flag, value)
+    assert exited.value.code == 2

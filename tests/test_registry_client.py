@@ -13,6 +13,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +33,8 @@ from support.registry import RegistryProcess
 
 REPOSITORY = "stargzfs-test/registry-client"
 FAST = RegistryConfig(retries=2, backoff=0.01, timeout=5.0)
+TRICKLE_PIECES = 15
+TRICKLE_GAP = 0.1  # seconds: 15 gaps outlast a 1 s deadline in total, none comes near it alone
 
 
 def push_blob(base_url: str, repository: str, data: bytes, headers: dict[str, str] | None = None) -> str:
@@ -186,7 +189,9 @@ class FaultProxy:
 
     Faults: "pass", "503", "status:<code>", "reset" (TCP RST before any answer), "full200" (drop Range so the
     registry answers 200 with the whole blob), "truncate" (half the body, then close),
-    "hang" (never answer), "redirect:<base url>" (307 to the same path on another server).
+    "hang" (never answer), "redirect:<base url>" (307 to the same path on another server),
+    "trickle" (the body in TRICKLE_PIECES pieces, TRICKLE_GAP seconds apart), "stall" (half the body,
+    then silence).
     """
 
     upstream: str
@@ -243,6 +248,25 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                           if k.lower() not in ("content-length", "transfer-encoding", "connection")}
             finally:
                 connection.close()
+            if fault in ("trickle", "stall"):
+                self.send_response(answer.status)
+                for key, value in passed.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if fault == "stall":  # half the body, then silence with the connection left open
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    proxy.release.wait(30)
+                    self.close_connection = True
+                    return
+                pieces = TRICKLE_PIECES
+                step = -(-len(body) // pieces)
+                for offset in range(0, len(body), step):
+                    self.wfile.write(body[offset : offset + step])
+                    self.wfile.flush()
+                    time.sleep(TRICKLE_GAP)
+                return
             if fault == "truncate":
                 self.send_response(answer.status)
                 for key, value in passed.items():
@@ -357,6 +381,25 @@ async def test_hanging_server_times_out(proxy: FaultProxy, pushed_blob: PushedBl
         with pytest.raises(RegistryError, match="within 0.5s|timed out") as caught:
             await client.blob(blob_ref(proxy.host), pushed_blob.digest).read_tail(51)
     assert "gave up after 2 attempts" in str(caught.value)
+
+
+async def test_slow_but_steady_body_outlasts_the_timeout(proxy: FaultProxy, pushed_blob: PushedBlob) -> None:
+    """The deadline covers the wait for an answer and each gap in the body, not the whole transfer."""
+    proxy.faults = ["trickle"]
+    config = RegistryConfig(retries=0, backoff=0.01, timeout=TRICKLE_PIECES * TRICKLE_GAP * 2 / 3)
+    async with RegistryClient(config) as client:
+        reader = client.blob(blob_ref(proxy.host), pushed_blob.digest)
+        assert await reader.read_range(1000, 201_000) == pushed_blob.data[1000:201_000]
+    assert reader.requests == 1 and len(proxy.seen) == 1
+
+
+async def test_body_that_stalls_midway_times_out(proxy: FaultProxy, pushed_blob: PushedBlob) -> None:
+    proxy.faults = ["stall"] * 5
+    config = RegistryConfig(retries=1, backoff=0.01, timeout=0.5)
+    async with RegistryClient(config) as client:
+        with pytest.raises(RegistryError, match="stalled: no data within 0.5s") as caught:
+            await client.blob(blob_ref(proxy.host), pushed_blob.digest).read_range(0, 200_000)
+    assert "gave up after 2 attempts" in str(caught.value) and len(proxy.seen) == 2
 
 
 async def test_redirect_is_followed_once_and_reused_without_authorization(

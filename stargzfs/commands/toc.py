@@ -8,18 +8,14 @@ also the tool to debug a layer the snapshotter refused.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import trio
 
-from stargzfs.errors import StargzfsError
+from stargzfs.atomicio import write_atomically
 from stargzfs.estargz.fetch import DEFAULT_MAX_TOC_SIZE, DEFAULT_TAIL_SIZE, TocResult, fetch_toc
 from stargzfs.registry import RegistryClient, RegistryConfig
-
-OUTPUT_MODE = 0o644
 
 
 def _positive_int(text: str) -> int:
@@ -29,6 +25,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
 
 
@@ -63,8 +79,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         help=f"refuse TOCs larger than N bytes, compressed or not (default {DEFAULT_MAX_TOC_SIZE})",
     )
     parser.add_argument(
-        "--timeout", metavar="SECONDS", type=float, default=15.0,
-        help="per-request timeout in seconds (default 15)",
+        "--registry-timeout", "--timeout", dest="registry_timeout", metavar="SECONDS", type=_positive_float,
+        default=RegistryConfig.timeout,
+        help="seconds to wait for a registry answer and for each gap in its body, per attempt "
+        f"(default {RegistryConfig.timeout:g})",
+    )
+    parser.add_argument(
+        "--registry-retries", metavar="N", type=_non_negative_int, default=RegistryConfig.retries,
+        help=f"extra attempts after a failed registry request (default {RegistryConfig.retries})",
     )
     parser.set_defaults(func=run)
 
@@ -82,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _fetch(args: argparse.Namespace) -> TocResult:
-    config = RegistryConfig(insecure_hosts=tuple(args.insecure_registry), timeout=args.timeout)
+    config = RegistryConfig(
+        insecure_hosts=tuple(args.insecure_registry), timeout=args.registry_timeout, retries=args.registry_retries
+    )
     async with RegistryClient(config) as client:
         reader = client.blob(args.ref, args.digest)
         return await fetch_toc(
@@ -101,32 +125,3 @@ def summary(layer_digest: str, result: TocResult) -> str:
         f"TOC {len(result.raw)} bytes ({footer.toc_compressed_size} compressed at offset "
         f"{footer.toc_offset}), {result.toc.digest}, {requests}, {result.bytes_fetched} bytes fetched"
     )
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the target directory + rename: readers never see a partial TOC."""
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        handle = tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    except OSError as exc:
-        raise StargzfsError(f"cannot write {path}: {exc.strerror or exc}") from None
-    temp = Path(handle.name)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, OUTPUT_MODE & ~_umask())
-        os.replace(temp, path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise StargzfsError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

@@ -17,14 +17,13 @@ from pathlib import Path
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
-from stargzfs.errors import FormatError, UsageError, VerificationError
+from stargzfs.errors import FormatError, UnsupportedError, UsageError, VerificationError
 from stargzfs.estargz.decompress import StreamDecoder, decompressor_for
 from stargzfs.estargz.footer import MAX_FOOTER_SIZE, SKIPPABLE_FRAME_MAGIC, Footer, parse_footer
 from stargzfs.estargz.toc import TOC_NAME, Chunk, Toc, parse_toc
 
 DEFAULT_TAIL_SIZE = 64 * 1024
 DEFAULT_MAX_TOC_SIZE = 150 * 1024 * 1024  # containers/storage's maxTocSize
-TOC_DIGEST_LABEL = "containerd.io/snapshot/stargz/toc.digest"
 _SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _ZSTD_SKIPPABLE_HEADER_SIZE = 8
 
@@ -255,32 +254,47 @@ def _run_without_loop(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("read_toc_file: the reader suspended; use fetch_toc inside an event loop")
 
 
-def read_chunk(blob: bytes | memoryview, chunk: Chunk, next_offset: int, compression: str) -> bytes:
-    """Uncompressed bytes of one TOC chunk from a whole blob in memory.
+COMPRESSIONS = ("gzip", "zstd")
 
-    Decodes from the member at `chunk.offset`, skips `inner_offset`, returns `chunk.size`
-    bytes; continues into following members when a range spans several (parallel-build
-    part boundaries), as upstream does.
+
+def inflate_prefix(
+    data: bytes | memoryview, size: int, compression: str, *, skip: int = 0, multi_member: bool = False
+) -> bytes:
+    """Exactly `size` uncompressed bytes, after skipping `skip`, of the stream at the start of `data`.
+
+    The one chunk decoder (TOC chunks here, blob.meta chunks in rafs.materialize): output
+    past `skip + size` is expected (legacy stargz members also hold tar padding and the
+    next entries' headers) and simply not produced; fewer bytes is a FormatError.
+    `multi_member` continues into following gzip members / zstd frames, as upstream does
+    for ranges that cross parallel-build part boundaries.
     """
+    if compression not in COMPRESSIONS:
+        raise UnsupportedError(f"unknown compression {compression!r} (expected gzip or zstd)")
+    stream = decompressor_for(compression).open_stream(data, limit=None, multi_member=multi_member)
+    skipped = 0
+    while skipped < skip:
+        piece = stream.read(min(skip - skipped, 1 << 20))
+        if not piece:
+            break
+        skipped += len(piece)
+    out = stream.read(size) if skipped == skip else b""
+    if len(out) < size:
+        raise FormatError(f"{compression} data decodes to {skipped + len(out)} bytes, needs {skip + size}")
+    return out
+
+
+def read_chunk(blob: bytes | memoryview, chunk: Chunk, next_offset: int, compression: str) -> bytes:
+    """Uncompressed bytes of one TOC chunk from a whole blob in memory (innerOffset honoured)."""
     view = memoryview(blob).cast("B")
     if not 0 <= chunk.offset < next_offset <= len(view):
         raise FormatError(
             f"chunk range [{chunk.offset}, {next_offset}) is outside the {len(view)}-byte blob"
         )
-    wanted = chunk.inner_offset + chunk.size
-    stream = decompressor_for(compression).open_stream(
-        view[chunk.offset : next_offset], limit=None, multi_member=True
-    )
-    skipped = 0
-    while skipped < chunk.inner_offset:
-        piece = stream.read(min(chunk.inner_offset - skipped, 1 << 20))
-        if not piece:
-            break
-        skipped += len(piece)
-    data = stream.read(chunk.size) if skipped == chunk.inner_offset else b""
-    if len(data) != chunk.size:
-        raise FormatError(
-            f"chunk at offset {chunk.offset} decodes to {skipped + len(data)} bytes, "
-            f"needs {wanted} (innerOffset {chunk.inner_offset} + size {chunk.size})"
+    try:
+        return inflate_prefix(
+            view[chunk.offset : next_offset], chunk.size, compression, skip=chunk.inner_offset, multi_member=True
         )
-    return data
+    except FormatError as exc:
+        raise FormatError(
+            f"chunk at offset {chunk.offset}: {exc} (innerOffset {chunk.inner_offset} + size {chunk.size})"
+        ) from None

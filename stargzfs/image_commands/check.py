@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stargzfs.atomicio import write_atomically
 from stargzfs.errors import FormatError, UsageError
-from stargzfs.image_commands.create import write_files_atomically
 from stargzfs.rafs.check import check_bootstrap
 from stargzfs.rafs.reader import BootstrapReader
 
@@ -56,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     report = check_bootstrap(data, match_blob_metas(data, args.blob_meta))
     print(report.to_text(args.verbose))
     if args.output_json:
-        write_files_atomically([(Path(args.output_json), report.to_json().encode() + b"\n")])
+        write_atomically(Path(args.output_json), report.to_json().encode() + b"\n")
     if not report.ok:
-        raise FormatError(f"{args.bootstrap}: {len(report.errors)} check(s) failed, first: {report.errors[0]}")
+        # Same list, same order as the "error:" lines just printed, so "first" is the first one shown.
+        first = report.errors[0]
+        count = f"more than {len(report.errors)}" if report.truncated else str(len(report.errors))
+        raise FormatError(f"{args.bootstrap}: {count} check(s) failed, first: {first}")
     return 0

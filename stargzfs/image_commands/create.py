@@ -9,11 +9,9 @@ Outputs appear complete or not at all (temp file in the same directory, fsync, r
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
-from collections.abc import Sequence
 from pathlib import Path
 
+from stargzfs.atomicio import write_files_atomically
 from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.gcpause import paused_gc
 from stargzfs.rafs.build import COMPRESSORS, build_bootstrap_from_toc_file
@@ -42,38 +40,6 @@ def parse_chunk_size(text: str) -> int:
         return int(digits, 16)
     except ValueError:
         raise UsageError(f"--chunk-size {text!r} is not a hexadecimal number") from None
-
-
-def write_files_atomically(outputs: Sequence[tuple[Path, bytes]]) -> None:
-    """Write all temps first, then rename: a failure leaves neither partial nor stale temps."""
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for target, data in outputs:
-            temp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-            try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except OSError as exc:
-                raise UsageError(f"cannot write {target}: {exc.strerror}") from None
-            temps.append((temp, target))
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for temp, target in temps:
-            try:
-                os.replace(temp, target)
-            except OSError as exc:
-                raise UsageError(f"cannot write {target}: {exc.strerror}") from None
-        for directory in {target.parent for _, target in temps}:
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        for temp, _ in temps:
-            if temp.exists():
-                temp.unlink()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from stargzfs.estargz.toc import Toc, parse_toc
 from stargzfs.rafs.materialize import COMPRESSIONS, MaterializeResult, materialize
 
 _BLOB_URL = re.compile(r"^(?P<scheme>https?)://(?P<host>[^/]+)/v2/(?P<repo>.+)/blobs/(?P<digest>[a-z0-9]+:[0-9a-fA-F]+)$")
+DEFAULT_REGISTRY_TIMEOUT = 15.0  # = RegistryConfig.timeout; not imported so `--help` stays cheap
+DEFAULT_REGISTRY_RETRIES = 3  # = RegistryConfig.retries
 _REF_AT_DIGEST = re.compile(r"^(?P<ref>[^@]+)@(?P<digest>[a-z0-9]+:[0-9a-fA-F]+)$")
 
 
@@ -47,7 +49,36 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         metavar="HOST",
         help="talk plain HTTP to this registry host (repeatable)",
     )
+    parser.add_argument(
+        "--registry-timeout", metavar="SECONDS", type=_positive_float, default=DEFAULT_REGISTRY_TIMEOUT,
+        help="seconds to wait for a registry answer and for each gap in its body, per attempt "
+        f"(default {DEFAULT_REGISTRY_TIMEOUT:g}); a slow link only needs data to keep flowing",
+    )
+    parser.add_argument(
+        "--registry-retries", metavar="N", type=_non_negative_int, default=DEFAULT_REGISTRY_RETRIES,
+        help=f"extra attempts after a failed registry request (default {DEFAULT_REGISTRY_RETRIES})",
+    )
     parser.set_defaults(func=run)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
 
 
 def _read_input(path: Path, what: str) -> bytes:
@@ -74,11 +105,21 @@ def _remote_source(blob: str) -> tuple[str, str, bool] | None:
 
 
 async def _materialize_remote(
-    blob_meta: bytes, ref: str, digest: str, insecure: list[str], output: Path, toc: Toc | None, compressor: str | None
+    blob_meta: bytes,
+    ref: str,
+    digest: str,
+    output: Path,
+    toc: Toc | None,
+    compressor: str | None,
+    *,
+    insecure: list[str],
+    timeout: float,
+    retries: int,
 ) -> MaterializeResult:
     from stargzfs.registry.client import RegistryClient, RegistryConfig
 
-    async with RegistryClient(RegistryConfig(insecure_hosts=tuple(insecure))) as client:
+    config = RegistryConfig(insecure_hosts=tuple(insecure), timeout=timeout, retries=retries)
+    async with RegistryClient(config) as client:
         reader = client.blob(ref, digest)
         return await materialize(blob_meta, reader, output, toc=toc, compression=compressor)
 
@@ -97,9 +138,7 @@ async def _materialize_file(
 def run(args: argparse.Namespace) -> int:
     blob_meta = _read_input(args.blob_meta, "--blob-meta")
     toc = parse_toc(_read_input(args.toc, "--toc")) if args.toc else None
-    output: Path = args.output
-    if not output.parent.is_dir():
-        raise UsageError(f"output directory {output.parent} does not exist")
+    output: Path = args.output  # a missing or read-only directory is an OutputError (exit 1) when written
     remote = _remote_source(args.blob)
     job: Callable[[], Any]
     if remote is not None:
@@ -109,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
             insecure.append(ref.split("/", 1)[0])
 
         async def job() -> MaterializeResult:
-            return await _materialize_remote(blob_meta, ref, digest, insecure, output, toc, args.compressor)
+            return await _materialize_remote(
+                blob_meta, ref, digest, output, toc, args.compressor,
+                insecure=insecure, timeout=args.registry_timeout, retries=args.registry_retries,
+            )
 
     else:
 

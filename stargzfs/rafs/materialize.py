@@ -12,17 +12,15 @@ ranges are fetched together so a registry sees few, large range requests.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from stargzfs.atomicio import atomic_output
 from stargzfs.errors import FormatError, UnsupportedError, VerificationError
-from stargzfs.estargz.decompress import decompressor_for
+from stargzfs.estargz.fetch import COMPRESSIONS, inflate_prefix
 from stargzfs.estargz.toc import Chunk, Toc
 from stargzfs.rafs.blobmeta import ChunkMeta, decode_blob_meta
 
@@ -31,7 +29,6 @@ MAX_SPAN = 32 << 20  # bytes fetched per range request at most (unless one chunk
 MAX_GAP = 1 << 20  # unused bytes we accept reading to save a request
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-COMPRESSIONS = ("gzip", "zstd")
 
 
 class RangeReader(Protocol):
@@ -179,20 +176,6 @@ def detect_compression(data: bytes) -> str:
     raise FormatError(f"chunk data starts with {data[:4].hex()}: neither a gzip member nor a zstd frame")
 
 
-def inflate_prefix(data: bytes | memoryview, size: int, compression: str) -> bytes:
-    """Exactly the first `size` bytes of the gzip member / zstd frame at the start of `data`.
-
-    Legacy stargz members also hold tar padding and the next entries' headers, so output
-    past `size` is expected and simply not produced; fewer bytes than `size` is an error.
-    """
-    if compression not in COMPRESSIONS:
-        raise UnsupportedError(f"unknown compression {compression!r} (expected gzip or zstd)")
-    out = decompressor_for(compression).open_stream(data).read(size)
-    if len(out) < size:
-        raise FormatError(f"{compression} data ends after {len(out)} of {size} bytes")
-    return out
-
-
 async def _blob_size(reader: RangeReader, blob_size: int | None) -> int:
     if blob_size is not None:
         return blob_size
@@ -223,36 +206,26 @@ async def materialize(
     jobs = _plan(chunks, size, toc)
     file_size = _round_up(max((c.uncompressed_offset + c.uncompressed_size for c in chunks), default=0), PAGE_SIZE)
     output = Path(output)
-    fd, temp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     requests = fetched = verified = 0
-    try:
-        with os.fdopen(fd, "r+b") as handle:
-            os.fchmod(handle.fileno(), 0o644)
-            for start, end, group in _spans(jobs):
-                data = await reader.read_range(start, end)
-                requests += 1
-                fetched += len(data)
-                if len(data) != end - start:
-                    raise FormatError(f"blob read [{start}, {end}) returned {len(data)} bytes")
-                view = memoryview(data)
-                for job in group:
-                    relative = job.meta.compressed_offset - start
-                    piece = view[relative : job.read_end - start]
-                    if compression is None:
-                        compression = detect_compression(bytes(piece[:4]))
-                    content = _inflate_job(job, piece, compression)
-                    if job.expected_digest is not None:
-                        _verify(job, content)
-                        verified += 1
-                    os.pwrite(handle.fileno(), content, job.meta.uncompressed_offset)
-            handle.truncate(file_size)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, output)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
+    with atomic_output(output) as handle:
+        for start, end, group in _spans(jobs):
+            data = await reader.read_range(start, end)
+            requests += 1
+            fetched += len(data)
+            if len(data) != end - start:
+                raise FormatError(f"blob read [{start}, {end}) returned {len(data)} bytes")
+            view = memoryview(data)
+            for job in group:
+                relative = job.meta.compressed_offset - start
+                piece = view[relative : job.read_end - start]
+                if compression is None:
+                    compression = detect_compression(bytes(piece[:4]))
+                content = _inflate_job(job, piece, compression)
+                if job.expected_digest is not None:
+                    _verify(job, content)
+                    verified += 1
+                handle.pwrite(content, job.meta.uncompressed_offset)
+        handle.truncate(file_size)
     return MaterializeResult(
         output=output,
         size=file_size,

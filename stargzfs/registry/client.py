@@ -12,6 +12,7 @@ read. Not counted: 401 challenges, token requests, a 3xx hop, failed attempts th
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -52,11 +53,46 @@ class RegistryConfig:
     """Client knobs. `retries` counts extra attempts after the first (so 3 → at most 4 sends)."""
 
     insecure_hosts: tuple[str, ...] = ()
-    timeout: float = 15.0  # whole request incl. body, per attempt
+    timeout: float = 15.0  # per attempt: until the answer's headers, then each gap between body pieces
     auth_timeout: float = 10.0  # each token request
     retries: int = 3  # idempotent GETs on connection errors / 5xx
     backoff: float = 0.2  # base seconds, doubled per retry
     docker_config: Path | None = None
+
+
+class _IdleDeadline:
+    """A per-attempt deadline that data arriving pushes back.
+
+    A fixed deadline over the whole body would fail every large read on a slow link
+    (32 MiB in 15 s needs > 2 MB/s); an idle deadline still catches a server that stops
+    answering or stalls mid-body, however large the body is.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.scope = anyio.CancelScope(deadline=anyio.current_time() + timeout)
+        self.receiving = False
+
+    def progress(self) -> None:
+        self.receiving = True
+        self.scope.deadline = anyio.current_time() + self.timeout
+
+    def reason(self) -> str:
+        if self.receiving:
+            return f"answer stalled: no data within {self.timeout:g}s"
+        return f"no answer within {self.timeout:g}s"
+
+
+_CURRENT_DEADLINE: contextvars.ContextVar[_IdleDeadline | None] = contextvars.ContextVar(
+    "stargzfs_registry_deadline", default=None
+)
+
+
+def _made_progress() -> None:
+    """Headers or a body piece arrived: the current attempt's idle deadline starts over."""
+    deadline = _CURRENT_DEADLINE.get()
+    if deadline is not None:
+        deadline.progress()
 
 
 class RegistryRequestError(RegistryError):
@@ -211,13 +247,17 @@ class RegistryClient:
         for number in range(attempts):
             if number:
                 await anyio.sleep(config.backoff * (2 ** (number - 1)))
+            deadline = _IdleDeadline(config.timeout)
+            token = _CURRENT_DEADLINE.set(deadline)
             try:
-                with anyio.fail_after(config.timeout):
+                with deadline.scope:
                     return await attempt()
             except _Retryable as exc:
                 last = exc
-            except TimeoutError:
-                last = _Retryable(f"no complete answer within {config.timeout:g}s")
+            finally:
+                _CURRENT_DEADLINE.reset(token)
+            if deadline.scope.cancelled_caught:
+                last = _Retryable(deadline.reason())
             LOG.debug("%s: %s (attempt %d of %d)", what, last.reason, number + 1, attempts)
         assert last is not None
         raise RegistryRequestError(
@@ -233,6 +273,7 @@ class RegistryClient:
             response = await self.http.send(request, auth=auth, stream=True, follow_redirects=False)
         except httpx.TransportError as exc:
             raise _Retryable(_describe_transport_error(exc)) from None
+        _made_progress()
         LOG.debug("GET %s %s -> %d", _url_for_log(url), headers.get("Range", ""), response.status_code)
         return response
 
@@ -276,6 +317,7 @@ class RegistryClient:
                 body = bytearray()
                 try:
                     async for piece in response.aiter_raw():
+                        _made_progress()
                         body += piece
                         if len(body) > _MAX_MANIFEST_BYTES:
                             raise RegistryRequestError(
@@ -509,6 +551,7 @@ class BlobReader:
 
     async def _iter_body(self, response: httpx.Response) -> AsyncIterator[bytes]:
         async for piece in response.aiter_raw():
+            _made_progress()
             self.bytes_read += len(piece)
             yield piece
 
