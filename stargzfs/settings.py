@@ -27,7 +27,8 @@ a `[stargzfs]` table, whose keys are checked strictly.
 | registry_retries     | `[stargzfs] registry_retries`    | `--registry-retries`    | 3 (extra attempts)       |
 | auth_timeout         | `[stargzfs] auth_timeout`        | `--auth-timeout`        | 10.0 s (token request)   |
 
-registry_timeout bounds one registry request (answer and body) per attempt; a request that
+registry_timeout bounds, per attempt, the wait for a registry's answer and each silence in its
+body (not the whole transfer, so large reads work on slow links); a request that
 times out, cannot connect or gets a 5xx is tried again up to registry_retries more times
 with a short doubling pause (0.2 s, 0.4 s, ...), so a lookup against a registry that never
 answers fails with EIO after about (registry_retries + 1) x registry_timeout.
