@@ -1,4 +1,4 @@
-"""What both console scripts share: sub-command modules and one-line error reporting."""
+"""What the console scripts share: sub-command modules, one-line errors, common options."""
 
 from __future__ import annotations
 
@@ -9,6 +9,46 @@ from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 from stargzfs.errors import StargzfsError
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def add_registry_options(
+    parser: argparse.ArgumentParser, *, timeout: float, retries: int, timeout_aliases: Sequence[str] = ()
+) -> None:
+    """--insecure-registry, --registry-timeout and --registry-retries, the same for every command."""
+    parser.add_argument(
+        "--insecure-registry", metavar="HOST", action="append", default=[],
+        help="talk plain HTTP to HOST[:PORT] (repeatable; localhost and private IPs need not be listed)",
+    )
+    parser.add_argument(
+        "--registry-timeout", *timeout_aliases, dest="registry_timeout", metavar="SECONDS",
+        type=positive_seconds, default=timeout,
+        help="seconds to wait for a registry answer and for each gap in its body, per attempt "
+        f"(default {timeout:g}); a slow link only needs data to keep flowing",
+    )
+    parser.add_argument(
+        "--registry-retries", metavar="N", type=non_negative_int, default=retries,
+        help=f"extra attempts after a failed registry request (default {retries})",
+    )
 
 
 def build_parser(prog: str, description: str, version: str, modules: Iterable[ModuleType]) -> argparse.ArgumentParser:

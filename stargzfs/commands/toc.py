@@ -13,6 +13,7 @@ from pathlib import Path
 
 import trio
 
+from stargzfs import cliutil
 from stargzfs.atomicio import write_atomically
 from stargzfs.estargz.fetch import DEFAULT_MAX_TOC_SIZE, DEFAULT_TAIL_SIZE, TocResult, fetch_toc
 from stargzfs.registry import RegistryClient, RegistryConfig
@@ -25,26 +26,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
 
 
@@ -67,10 +48,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         help="expected sha256 of the TOC JSON (the containerd.io/snapshot/stargz/toc.digest label)",
     )
     parser.add_argument(
-        "--insecure-registry", metavar="HOST", action="append", default=[],
-        help="talk plain HTTP to HOST[:PORT] (repeatable; localhost and private IPs need not be listed)",
-    )
-    parser.add_argument(
         "--tail-size", metavar="N", type=_positive_int, default=DEFAULT_TAIL_SIZE,
         help=f"bytes read from the blob's end in the first request (default {DEFAULT_TAIL_SIZE})",
     )
@@ -78,15 +55,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--max-toc-size", metavar="N", type=_positive_int, default=DEFAULT_MAX_TOC_SIZE,
         help=f"refuse TOCs larger than N bytes, compressed or not (default {DEFAULT_MAX_TOC_SIZE})",
     )
-    parser.add_argument(
-        "--registry-timeout", "--timeout", dest="registry_timeout", metavar="SECONDS", type=_positive_float,
-        default=RegistryConfig.timeout,
-        help="seconds to wait for a registry answer and for each gap in its body, per attempt "
-        f"(default {RegistryConfig.timeout:g})",
-    )
-    parser.add_argument(
-        "--registry-retries", metavar="N", type=_non_negative_int, default=RegistryConfig.retries,
-        help=f"extra attempts after a failed registry request (default {RegistryConfig.retries})",
+    cliutil.add_registry_options(
+        parser, timeout=RegistryConfig.timeout, retries=RegistryConfig.retries, timeout_aliases=("--timeout",)
     )
     parser.set_defaults(func=run)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from stargzfs import cliutil
 from stargzfs.errors import UsageError
 from stargzfs.estargz.toc import Toc, parse_toc
 from stargzfs.rafs.materialize import COMPRESSIONS, MaterializeResult, materialize
@@ -42,43 +43,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     parser.add_argument(
         "--compressor", choices=COMPRESSIONS, help="blob compression (default: detected from the data)"
     )
-    parser.add_argument(
-        "--insecure-registry",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="talk plain HTTP to this registry host (repeatable)",
-    )
-    parser.add_argument(
-        "--registry-timeout", metavar="SECONDS", type=_positive_float, default=DEFAULT_REGISTRY_TIMEOUT,
-        help="seconds to wait for a registry answer and for each gap in its body, per attempt "
-        f"(default {DEFAULT_REGISTRY_TIMEOUT:g}); a slow link only needs data to keep flowing",
-    )
-    parser.add_argument(
-        "--registry-retries", metavar="N", type=_non_negative_int, default=DEFAULT_REGISTRY_RETRIES,
-        help=f"extra attempts after a failed registry request (default {DEFAULT_REGISTRY_RETRIES})",
-    )
+    cliutil.add_registry_options(parser, timeout=DEFAULT_REGISTRY_TIMEOUT, retries=DEFAULT_REGISTRY_RETRIES)
     parser.set_defaults(func=run)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
 
 
 def _read_input(path: Path, what: str) -> bytes:
