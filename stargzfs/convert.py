@@ -29,15 +29,15 @@ from pathlib import Path
 
 import trio
 
-from stargzfs.errors import NotEstargzError, StargzfsError, UnsupportedError, UsageError
+from stargzfs.errors import FormatError, NotEstargzError, StargzfsError, UnsupportedError, UsageError
 from stargzfs.estargz.fetch import fetch_toc
+from stargzfs.estargz.toc import TOC_NAME
 from stargzfs.registry import RegistryClient, parse_reference
 from stargzfs.registry.auth import CredentialCache
 from stargzfs.snapshots.store import Snapshot
 
 log = logging.getLogger(__name__)
 
-TOC_FILE = "stargz.index.json"
 CONVERT_TEMP_PREFIX = "converting-stargz"
 MERGE_TEMP_PREFIX = "merging-stargz"
 CHUNK_SIZE = "0x400000"
@@ -54,6 +54,20 @@ class NotConvertible(StargzfsError):
 
 class ConversionError(StargzfsError):
     """Conversion failed for a reason worth retrying later (EIO)."""
+
+
+class BuilderFailed(ConversionError):
+    """The builder exited non-zero; `status` and `last_line` say how (see run_builder)."""
+
+    def __init__(self, message: str, *, status: int, last_line: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.last_line = last_line
+
+
+# stargzfs-image's documented exit codes (stargzfs/errors.py) for input it will never accept:
+# retrying the same TOC cannot help, so these mean "not convertible", not "try again".
+_PERMANENT_BUILDER_STATUSES = (FormatError.exit_code, UnsupportedError.exit_code)
 
 
 # ----------------------------------------------------------------------------- builder
@@ -113,6 +127,7 @@ def detect_builder(nydus_image: Path | None) -> Builder:
     found = shutil.which(text) if "/" not in text else (text if os.access(text, os.X_OK) else None)
     if found is None:
         raise UsageError(f"nydus-image {text!r} is not an executable file (or not on PATH)")
+    found = os.path.abspath(found)  # the daemon runs with cwd "/"
     try:
         done = subprocess.run(
             [found, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
@@ -166,7 +181,10 @@ async def run_builder(argv: Sequence[str], pass_fds: Sequence[int], what: str) -
     if process.returncode != 0:
         lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
         last = lines[-1].strip()[:_MAX_ERROR_OUTPUT] if lines else "(no output)"
-        raise ConversionError(f"{what}: {Path(argv[0]).name} exited with status {process.returncode}: {last}")
+        raise BuilderFailed(
+            f"{what}: {Path(argv[0]).name} exited with status {process.returncode}: {last}",
+            status=process.returncode, last_line=last,
+        )
     if output.strip():
         log.debug("%s output: %s", what, output.decode("utf-8", "replace").strip()[:2000])
 
@@ -350,7 +368,8 @@ async def convert_layer(
 ) -> bool:
     """Produce `<hex>` in the snapshot's fs dir; False when it already existed.
 
-    Raises NotConvertible (not eStargz / not for this builder) or ConversionError. Anything
+    Raises NotConvertible (not eStargz / not for this builder), ConversionError, or OSError
+    for a problem of the snapshot's own directories (writing the TOC, publishing). Anything
     that blocks (credential helpers, writing + fsyncing a TOC of up to 150 MiB) runs in a
     worker thread: this runs on the daemon's event loop, which must keep serving meanwhile.
     """
@@ -358,29 +377,34 @@ async def convert_layer(
     layer_hex = snapshot.layer_hex
     image_ref = snapshot.image_ref
     if layer_hex is None or image_ref is None:
-        raise NotConvertible(f"snapshot {snapshot.id} has no usable layer labels")
+        raise NotConvertible("not convertible: no usable layer labels")
     fs_fd = plan.fs_dir_fd
     existing = lstat_at(fs_fd, layer_hex)
     if existing is not None:
         if stat.S_ISREG(existing.st_mode):
             return False
-        raise ConversionError(f"{layer_hex} in snapshot {snapshot.id} exists but is not a regular file")
+        raise ConversionError(f"{layer_hex} exists but is not a regular file")
 
     digest = f"sha256:{layer_hex}"
     try:
         reference = parse_reference(image_ref)
         found = await credentials.resolve(reference, snapshot.labels)
         blob = client.blob(reference, digest, credentials=found, resolved=True)
-        result = await fetch_toc(blob, expected_digest=snapshot.toc_digest)
-    except (NotEstargzError, UnsupportedError) as exc:
-        raise NotConvertible(str(exc)) from None
+        # decoding + parsing a TOC of up to 150 MiB takes seconds: not on the event loop
+        result = await fetch_toc(blob, expected_digest=snapshot.toc_digest, offload=trio.to_thread.run_sync)
+    except NotEstargzError as exc:
+        raise NotConvertible(str(exc) if str(exc).startswith("not eStargz") else f"not eStargz: {exc}") from None
+    except UnsupportedError as exc:
+        raise NotConvertible(f"unsupported eStargz layer: {exc}") from None
     except StargzfsError as exc:
-        raise ConversionError(f"TOC of {digest}: {exc}") from None
+        raise ConversionError(f"fetching TOC: {exc}") from None
+    except OSError as exc:  # (the steps below raise OSError only for this snapshot's own dirs)
+        raise ConversionError(f"fetching TOC: {exc.strerror or exc}") from None
     compression = result.footer.compression
     if compression != "gzip" and not builder.supports_zstd:
-        raise NotConvertible(f"{compression} eStargz layer: {builder.name} converts gzip eStargz only")
+        raise NotConvertible(f"unsupported eStargz layer: {builder.name} converts gzip eStargz only, not {compression}")
 
-    await trio.to_thread.run_sync(write_file_at, fs_fd, TOC_FILE, result.raw)
+    await trio.to_thread.run_sync(write_file_at, fs_fd, TOC_NAME, result.raw)
     meta_fd = plan.blob_meta_dir_fd
     meta_name = f"{layer_hex}.blob.meta"
     meta_info = lstat_at(meta_fd, meta_name)
@@ -391,15 +415,21 @@ async def convert_layer(
         bootstrap=proc_path(fs_fd, temp),
         blob_id=layer_hex,
         blob_meta=proc_path(meta_fd, meta_name),
-        toc=proc_path(fs_fd, TOC_FILE),
+        toc=proc_path(fs_fd, TOC_NAME),
         compression=compression,
         blob_data_size=result.footer.payload_end,
     )
     try:
         async with builder_slots:
-            await run_builder(argv, (fs_fd, meta_fd), f"converting layer {digest}")
+            try:
+                await run_builder(argv, (fs_fd, meta_fd), "building bootstrap")
+            except BuilderFailed as exc:
+                if builder.flavour == "stargzfs" and exc.status in _PERMANENT_BUILDER_STATUSES:
+                    unlink_quietly(fs_fd, TOC_NAME)  # an input for a bootstrap that will never exist
+                    raise NotConvertible(f"unsupported eStargz layer: {builder.name} rejected its TOC: {exc.last_line}") from None
+                raise
         if lstat_at(fs_fd, temp) is None:
-            raise ConversionError(f"converting layer {digest}: {builder.name} wrote no bootstrap")
+            raise ConversionError(f"building bootstrap: {builder.name} wrote no bootstrap")
         await trio.to_thread.run_sync(publish, fs_fd, temp, layer_hex)
     finally:
         unlink_quietly(fs_fd, temp)
@@ -414,7 +444,7 @@ def copy_layer_outputs(src_fs_fd: int, dst_fs_fd: int, layer_hex: str, *, with_b
     False when the destination already had its bootstrap; ConversionError when the source
     lacks a regular bootstrap or TOC.
     """
-    names = [TOC_FILE, layer_hex]
+    names = [TOC_NAME, layer_hex]
     meta = f"{layer_hex}.blob.meta"
     if with_blob_meta and is_regular_at(src_fs_fd, meta):
         names.insert(1, meta)

@@ -34,7 +34,6 @@ from stargzfs.convert import (
     convert_layer,
     copy_layer_outputs,
     detect_builder,
-    listdir_at,
     lstat_at,
     open_dir_beneath,
     remove_temps,
@@ -49,8 +48,6 @@ from stargzfs.settings import MountSettings
 from stargzfs.snapshots.store import Snapshot, SnapshotSource, SnapshotTable, candidate_reason
 
 log = logging.getLogger(__name__)
-
-TEMP_PREFIXES = ("converting-stargz", "merging-stargz")
 
 
 @dataclass
@@ -77,6 +74,8 @@ class SnapshotRootProvider:
             raise UsageError(f"{self.root} is not a snapshotter root: {db.name} is missing")
         self.snapshots = SnapshotSource(db)
         self.snapshots.current()  # a broken metadata.db is a start-up error, not an EIO later
+        self._refreshing = False  # a worker thread is re-reading metadata.db
+        self._table_error: str | None = None  # why the last re-read failed (logged once)
         self.builder = detect_builder(settings.nydus_image)  # a bad --nydus-image fails the mount
         self.fscache = settings.fs_driver == "fscache"
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -84,18 +83,23 @@ class SnapshotRootProvider:
         self._flights: dict[tuple[str, str], _Flight] = {}
         self._failures: dict[tuple[str, str], _Failure] = {}
         self._not_estargz: dict[str, str] = {}  # layer hex -> why
-        self._image_not_estargz: dict[str, str] = {}  # snapshot id -> why
+        self._images_not_estargz: dict[str, str] = {}  # snapshot id -> why
         self._builder_slots: trio.CapacityLimiter | None = None
         self._client: RegistryClient | None = None
         self._credentials = CredentialCache()
         self._layer_sources: dict[str, str] = {}  # layer hex -> a snapshot id whose fs dir has its outputs
         self.conversions = 0
         self._notifier: ChangeNotifier | None = None
-        self._remove_stale_temps()
+        self._startup_notes = self._remove_stale_temps()
 
     def bind_notifier(self, notifier: ChangeNotifier) -> None:
         """The mount's cache invalidation; set once it talks to the kernel."""
         self._notifier = notifier
+        # The provider is built before the daemon configures logging (so a bad ROOT fails the
+        # `mount` command itself): what start-up did is logged now, once logging is set up.
+        for note in self._startup_notes:
+            log.info("%s", note)
+        self._startup_notes = []
 
     def _layer_outputs(self, layer_hex: str) -> list[str]:
         names = [layer_hex, TOC_NAME]
@@ -123,36 +127,82 @@ class SnapshotRootProvider:
         except OSError as exc:
             raise UsageError(f"cache dir {cache} is not usable: {exc.strerror}") from None
 
-    def _remove_stale_temps(self) -> None:
-        """A daemon killed mid-conversion leaves temps; nothing may ever show or reuse them."""
-        try:
-            snapshots_fd = open_dir_beneath(self._root_fd, ["snapshots"])
-        except OSError:
-            return
-        try:
-            for snapshot_id in listdir_at(snapshots_fd):
-                try:
-                    fs_fd = open_dir_beneath(snapshots_fd, [snapshot_id, "fs"])
-                except OSError:
-                    continue
-                try:
-                    for name in remove_temps(fs_fd):
-                        log.info("removed stale temp snapshots/%s/fs/%s", snapshot_id, name)
-                finally:
-                    os.close(fs_fd)
-        finally:
-            os.close(snapshots_fd)
+    def _remove_stale_temps(self) -> list[str]:
+        """A daemon killed mid-conversion leaves temps; nothing may ever show or reuse them.
+
+        Only the dirs this mount writes into are swept: those of eStargz candidates and the
+        cache dir. Other snapshots' dirs (containers' rootfs, nydus layers) are not ours, so
+        a user file that happens to match a temp pattern stays. Returns what was removed.
+        """
+        notes = []
+        for snapshot in self.snapshots.current().all():
+            if candidate_reason(snapshot) is not None:
+                continue
+            try:
+                fs_fd = self._open_fs(snapshot.id)
+            except OSError:
+                continue
+            try:
+                for name in remove_temps(fs_fd):
+                    notes.append(f"removed stale temp snapshots/{snapshot.id}/fs/{name}")
+            finally:
+                os.close(fs_fd)
         if self._cache_fd >= 0:
             for name in remove_temps(self._cache_fd):
-                log.info("removed stale temp %s/%s", self.settings.effective_cache_dir, name)
+                notes.append(f"removed stale temp {self.settings.effective_cache_dir}/{name}")
+        return notes
+
+    # ----------------------------------------------------------------- metadata.db
+    def _table(self) -> SnapshotTable:
+        """The snapshot table as last read, for the sync Provider methods on the event loop.
+
+        Never reads metadata.db here (a re-read may sleep while containerd commits): when
+        the file changed, a worker thread re-reads it and later calls see the new table.
+        """
+        if self.snapshots.is_stale():
+            self._start_refresh()
+        table = self.snapshots.cached()
+        assert table is not None  # read at start-up
+        return table
+
+    async def _fresh_table(self) -> SnapshotTable:
+        """The latest snapshot table for the async paths, re-read in a worker thread if needed."""
+        if self.snapshots.is_stale():
+            await trio.to_thread.run_sync(self._reload)
+        table = self.snapshots.cached()
+        assert table is not None
+        return table
+
+    def _start_refresh(self) -> None:
+        if self._refreshing:
+            return
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # not on the event loop: nothing to keep responsive
+            self._reload()
+            return
+        self._refreshing = True
+        trio.lowlevel.spawn_system_task(self._refresh)
+
+    async def _refresh(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._reload)
+        finally:
+            self._refreshing = False
+
+    def _reload(self) -> None:
+        """Re-read metadata.db (blocking); on failure keep serving the last good read."""
+        try:
+            self.snapshots.current()
+        except (StargzfsError, OSError) as exc:
+            message = str(exc)
+            if message != self._table_error:
+                log.error("reading %s: %s (serving the last good read)", self.settings.metadata_db, message)
+            self._table_error = message
+        else:
+            self._table_error = None
 
     # ----------------------------------------------------------------- Provider interface
-    def _table(self) -> SnapshotTable:
-        try:
-            return self.snapshots.current()
-        except StargzfsError as exc:
-            log.error("reading %s: %s", self.settings.metadata_db, exc)
-            raise OSError(errno.EIO, str(exc)) from None
 
     def top_dirs(self) -> Mapping[str, Path]:
         table = self._table()
@@ -166,11 +216,8 @@ class SnapshotRootProvider:
                 continue
         return tops
 
-    def _candidate(self, top: str) -> Snapshot | None:
-        try:
-            snapshot = self._table().by_id(top)
-        except OSError:
-            return None
+    def _candidate(self, top: str, table: SnapshotTable | None = None) -> Snapshot | None:
+        snapshot = (table or self._table()).by_id(top)
         if snapshot is None or candidate_reason(snapshot) is not None:
             return None
         return snapshot
@@ -180,15 +227,16 @@ class SnapshotRootProvider:
         if snapshot is None or snapshot.layer_hex in self._not_estargz:
             return ()
         assert snapshot.layer_hex is not None
-        if top in self._image_not_estargz:
+        if top in self._images_not_estargz:
             return (snapshot.layer_hex,)
         return (snapshot.layer_hex, IMAGE_BOOT)
 
     def is_hidden(self, top: str, name: str) -> bool:
-        return temp_name_patterns(name)
+        """Temps are hidden only where this mount writes them: other dirs are the user's."""
+        return temp_name_patterns(name) and self._candidate(top) is not None
 
     async def materialize(self, top: str, name: str) -> None:
-        snapshot = self._candidate(top)
+        snapshot = self._candidate(top, await self._fresh_table())
         if snapshot is None:
             raise OSError(errno.ENOENT, f"{top} is not an eStargz candidate")
         if name == snapshot.layer_hex:
@@ -314,11 +362,7 @@ class SnapshotRootProvider:
         layer_hex = snapshot.layer_hex
         known = self._layer_sources.get(layer_hex or "")
         ids = [known] if known is not None and known != snapshot.id else []
-        try:
-            table = self._table()
-        except OSError:
-            return ids
-        for other in table.all():
+        for other in self._table().all():
             if (other.id != snapshot.id and other.id not in ids and other.layer_hex == layer_hex
                     and candidate_reason(other) is None):
                 ids.append(other.id)
@@ -371,15 +415,20 @@ class SnapshotRootProvider:
                 builder_slots=self._slots(),
             )
         except NotConvertible as exc:
-            reason = f"not eStargz: {exc}" if not str(exc).startswith("not eStargz") else str(exc)
+            reason = str(exc)
             self._not_estargz[layer_hex] = reason
             log.info("snapshot %s layer %s: %s", snapshot.id, layer_hex[:12], reason)
             await self._record(state.record_layer, layer_hex, status="not-estargz", error=reason,
                                snapshot_id=snapshot.id)
             raise OSError(errno.ENOENT, reason) from None
-        except (ConversionError, StargzfsError, OSError) as exc:
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            message = f"snapshot {snapshot.id} layer sha256:{layer_hex}: {detail}"
+        except OSError as exc:  # this snapshot's dir, not the layer: no digest-wide backoff
+            detail = f"layer sha256:{layer_hex}: writing outputs: {exc.strerror or exc}"
+            raise await self._local_failure(snapshot, detail) from None
+        except (ConversionError, StargzfsError) as exc:
+            detail = str(exc)
+            # registry errors already name the blob: the digest appears once in the message
+            prefix = f"snapshot {snapshot.id}" if layer_hex in detail else f"snapshot {snapshot.id} layer sha256:{layer_hex}"
+            message = f"{prefix}: {detail}"
             self._note_failure(key, message)
             await self._record(state.record_layer, layer_hex, status="error", error=message, snapshot_id=snapshot.id)
             raise OSError(errno.EIO, message) from None
@@ -394,21 +443,21 @@ class SnapshotRootProvider:
 
     # ----------------------------------------------------------------- image.boot
     async def _ensure_image(self, snapshot: Snapshot) -> None:
-        reason = self._image_not_estargz.get(snapshot.id)
+        reason = self._images_not_estargz.get(snapshot.id)
         if reason is not None:
             raise OSError(errno.ENOENT, reason)
         key = ("image", snapshot.id)
         self._check_backoff(key)
         await self._single_flight(key, lambda: self._compose(snapshot, key))
 
-    async def _image_not_eStargz(self, snapshot: Snapshot, reason: str) -> OSError:
-        self._image_not_estargz[snapshot.id] = reason
+    async def _image_not_estargz(self, snapshot: Snapshot, reason: str) -> OSError:
+        self._images_not_estargz[snapshot.id] = reason
         log.info("snapshot %s: no image.boot: %s", snapshot.id, reason)
         await self._record(state.record_image, snapshot.id, status="not-estargz", error=reason)
         return OSError(errno.ENOENT, reason)
 
     async def _compose(self, snapshot: Snapshot, key: tuple[str, str]) -> None:
-        table = self._table()
+        table = await self._fresh_table()
         try:
             chain = table.chain(snapshot.id)
         except KeyError:
@@ -418,7 +467,7 @@ class SnapshotRootProvider:
             if why is None and layer.layer_hex in self._not_estargz:
                 why = self._not_estargz[layer.layer_hex]
             if why is not None:
-                raise await self._image_not_eStargz(snapshot, f"layer snapshot {layer.id}: {why}")
+                raise await self._image_not_estargz(snapshot, f"layer snapshot {layer.id}: {why}")
 
         outcomes: dict[str, OSError] = {}
 
@@ -434,7 +483,7 @@ class SnapshotRootProvider:
         for layer in chain:
             problem = outcomes.get(layer.id)
             if problem is not None and problem.errno == errno.ENOENT:
-                raise await self._image_not_eStargz(snapshot, f"layer snapshot {layer.id}: {problem.strerror}")
+                raise await self._image_not_estargz(snapshot, f"layer snapshot {layer.id}: {problem.strerror}")
         for layer in chain:
             problem = outcomes.get(layer.id)
             if problem is not None:

@@ -137,12 +137,25 @@ def test_snapshots_added_and_removed_show_without_remount(
     added = [e["id"] for e in snapdb.list(db) if e["id"] != first["id"]]
     for snapshot_id in added:
         (root / "snapshots" / snapshot_id / "fs").mkdir(parents=True)
-    assert sorted(os.listdir(mountpoint)) == sorted([first["id"], *added])
+    _wait_for_listing(mountpoint, [first["id"], *added])
     snapdb.apply(db, [[{"op": "remove", "key": first["name"]}]])
-    assert sorted(os.listdir(mountpoint)) == sorted(added)
-    # A snapshot without an fs dir (not yet prepared) is not shown.
+    _wait_for_listing(mountpoint, added)
+    # A snapshot without an fs dir (not yet prepared) is not shown: once the daemon has seen
+    # the removal committed after it, it has seen the new snapshot too.
     snapdb.apply(db, [list(image_chain_ops("registry.local/c:v1", 1))])
-    assert sorted(os.listdir(mountpoint)) == sorted(added)
+    last_added = max(added, key=int)
+    removed = next(e["name"] for e in snapdb.list(db) if e["id"] == last_added)
+    snapdb.apply(db, [[{"op": "remove", "key": removed}]])
+    _wait_for_listing(mountpoint, [i for i in added if i != last_added])
+
+
+def _wait_for_listing(mountpoint: Path, expected: list[str], timeout: float = 10.0) -> None:
+    """The daemon re-reads a changed metadata.db off its event loop, so a listing made right
+    after a commit may still show the previous read; the next ones show the new one."""
+    deadline = time.monotonic() + timeout
+    while sorted(os.listdir(mountpoint)) != sorted(expected):
+        assert time.monotonic() < deadline, (sorted(os.listdir(mountpoint)), sorted(expected))
+        time.sleep(0.02)
 
 
 def test_config_file_supplies_root_and_cli_overrides(snapshot_root: Path, tmp_path: Path, daemons: list) -> None:
@@ -261,3 +274,57 @@ def test_registry_settings_defaults_config_and_cli(tmp_path: Path) -> None:
     overridden = settings("--config", str(config), "--registry-timeout", "1", "--registry-retries", "0",
                           "--auth-timeout", "0.5")
     assert (overridden.registry_timeout, overridden.registry_retries, overridden.auth_timeout) == (1.0, 0, 0.5)
+
+
+@pytest.mark.parametrize("where", ["root itself", "a snapshot fs dir", "a symlink into root"])
+def test_mountpoint_inside_root_is_refused(snapshot_root: Path, tmp_path: Path, where: str) -> None:
+    """Listing ROOT would stat the mount itself: the daemon would hang on its own request."""
+    first_fs = snapshot_root / "snapshots" / sorted(os.listdir(snapshot_root / "snapshots"))[0] / "fs"
+    if where == "root itself":
+        mountpoint = snapshot_root
+    elif where == "a snapshot fs dir":
+        mountpoint = first_fs
+    else:
+        mountpoint = tmp_path / "link"
+        mountpoint.symlink_to(first_fs, target_is_directory=True)
+    result = _cli("mount", str(snapshot_root), str(mountpoint))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "inside ROOT" in lines[0], result.stderr
+    assert not is_mounted(mountpoint) and not is_mounted(first_fs)
+
+
+def test_background_daemon_does_not_keep_its_cwd(snapshot_root: Path, tmp_path: Path, daemons: list) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = subprocess.run([*STARGZFS, "mount", str(snapshot_root), "mnt", "--log-file", "daemon.log"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pid = _daemon_pid(result.stderr)
+    daemons.append((mountpoint, pid))
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert (tmp_path / "daemon.log").is_file()  # relative paths were resolved before the chdir
+    assert sorted(os.listdir(mountpoint)) == sorted(os.listdir(snapshot_root / "snapshots"))
+
+
+def test_broken_metadata_db_after_start_keeps_the_last_good_view(
+    snapdb: Snapdb, tmp_path: Path, daemons: list
+) -> None:
+    """metadata.db is re-read off the event loop; a bad re-read is logged, not turned into EIO."""
+    root = tmp_path / "root"
+    root.mkdir()
+    db = root / "metadata.db"
+    snapdb.apply(db, [list(image_chain_ops("registry.local/a:v1", 2))])
+    ids = [entry["id"] for entry in snapdb.list(db)]
+    for snapshot_id in ids:
+        (root / "snapshots" / snapshot_id / "fs").mkdir(parents=True)
+    mountpoint = tmp_path / "mnt"
+    log = tmp_path / "daemon.log"
+    _mount(root, mountpoint, daemons, "--log-file", str(log))
+    with open(db, "r+b") as handle:  # same inode, both meta pages gone
+        handle.write(b"\0" * 8192)
+    for _ in range(20):
+        assert sorted(os.listdir(mountpoint)) == sorted(ids)
+        time.sleep(0.01)
+    assert (mountpoint / ids[0]).is_dir()
+    assert log.read_text().count("serving the last good read") == 1

@@ -13,11 +13,14 @@ their own, get a fresh root (`fresh_root`).
 from __future__ import annotations
 
 import errno
+import gzip
+import io
 import os
 import json
 import re
 import socket
 import stat
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,10 +29,11 @@ from pathlib import Path
 
 import pytest
 
+from stargzfs.estargz.footer import encode_gzip_footer
 from stargzfs.snapshots.store import LABEL_NYDUS_META_LAYER
 from support.erofs import erofs_mounted, extract_layer_tar, overlay_mounted, tree_snapshot
 from support.fake_nydus_image import read_journal, running_builds, write_fake_nydus_image
-from support.images import FileSpec, PushedImage, build_image, make_layer_tar
+from support.images import FileSpec, PushedImage, build_image, make_layer_tar, upload_blob
 from support.registry import RegistryProcess
 from support.snapshot_root import (
     IMAGE_BOOT,
@@ -514,3 +518,104 @@ def test_files_built_in_other_dirs_invalidate_their_cached_attrs(world: World, d
     real = os.stat(root.fs("inv", 0))
     assert real.st_mtime_ns != before.st_mtime_ns  # the conversion wrote into the lower dir
     assert os.stat(lower_dir).st_mtime_ns == real.st_mtime_ns
+
+
+# ------------------------------------------------------------------------------------ review fixes (issue #6)
+def inner_offset_layer() -> bytes:
+    """A gzip eStargz blob whose two files share one member (estargz >= 0.13 innerOffset layout).
+
+    fetch_toc accepts it; RAFS v6 cannot describe it, so stargzfs-image exits 6 (unsupported).
+    """
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name in ("a", "b"):
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = 5
+            archive.addfile(info, io.BytesIO(name.encode() * 5))
+    blob = bytearray(gzip.compress(payload.getvalue(), mtime=0))
+    toc = json.dumps({"version": 1, "entries": [
+        {"name": "./", "type": "dir", "mode": 0o755},
+        {"name": "./a", "type": "reg", "mode": 0o644, "size": 5, "offset": 0, "innerOffset": 512},
+        {"name": "./b", "type": "reg", "mode": 0o644, "size": 5, "offset": 0, "innerOffset": 1536},
+    ]}).encode()
+    toc_member = io.BytesIO()
+    with tarfile.open(fileobj=toc_member, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        info = tarfile.TarInfo("stargz.index.json")
+        info.size = len(toc)
+        archive.addfile(info, io.BytesIO(toc))
+    toc_offset = len(blob)
+    blob += gzip.compress(toc_member.getvalue(), mtime=0)
+    blob += encode_gzip_footer(toc_offset)
+    return bytes(blob)
+
+
+def test_builder_rejection_is_not_convertible_and_remembered(world: World, fresh_root, daemons,
+                                                              registry: RegistryProcess) -> None:
+    digest = upload_blob(registry, world.eight.repository, inner_offset_layer())
+    root = fresh_root({"inner": [ChainLayer(world.eight.ref, digest)]})
+    daemon = daemons(root.root, config={"retry_backoff": 0.01, "retry_backoff_max": 0.01})
+    target = daemon.mountpoint / root.sid("inner") / hex_of(digest)
+    mark = registry.mark()
+    assert lstat_errno(target) == errno.ENOENT  # not EIO: retrying cannot help
+    row = status(root.root)[root.sid("inner")]
+    assert row["layer_status"] == "not-estargz"
+    assert "stargzfs-image rejected its TOC" in row["layer_error"] and "innerOffset" in row["layer_error"]
+    assert "\n" not in row["layer_error"]
+    time.sleep(0.05)  # well past the EIO backoff: a retry would fetch the TOC again
+    assert lstat_errno(target) == errno.ENOENT
+    assert len(registry.requests_for(digest, since=mark)) == 1  # remembered, not re-fetched
+    assert os.listdir(daemon.mountpoint / root.sid("inner")) == []  # no longer offered
+    assert os.listdir(root.fs("inner")) == []  # nothing partial left behind
+
+
+def test_write_failure_in_one_snapshot_dir_does_not_back_off_the_digest(world: World, fresh_root,
+                                                                        daemons) -> None:
+    layer = world.eight.layers[7]
+    digest_hex = hex_of(layer.digest)
+    one = [ChainLayer(world.eight.ref, layer.digest, layer.toc_digest)]
+    root = fresh_root({"broken": one, "fine": one})
+    (root.fs("broken") / "stargz.index.json").mkdir()  # the TOC cannot be written there
+    daemon = daemons(root.root, config={"retry_backoff": 600, "retry_backoff_max": 600})
+    mnt = daemon.mountpoint
+    assert lstat_errno(mnt / root.sid("broken") / digest_hex) == errno.EIO
+    row = status(root.root)[root.sid("broken")]
+    assert row["layer_status"] == "error" and "writing outputs" in row["layer_error"]
+    assert lstat_errno(mnt / root.sid("fine") / digest_hex) == 0  # the digest itself is fine
+    assert (root.fs("fine") / digest_hex).is_file()
+    assert "retry in" not in daemon.log_text()
+
+
+def test_errors_name_the_layer_digest_once(world: World, fresh_root, daemons, silent_registry: str) -> None:
+    layer = world.eight.layers[1]
+    ref = f"{silent_registry}/{world.eight.repository}:{world.eight.tag}"
+    root = fresh_root({"once": [ChainLayer(ref, layer.digest, layer.toc_digest)]})
+    daemon = daemons(root.root, "--registry-timeout", "0.5", "--registry-retries", "0")
+    assert lstat_errno(daemon.mountpoint / root.sid("once") / hex_of(layer.digest)) == errno.EIO
+    error = status(root.root)[root.sid("once")]["layer_error"]
+    assert error.count(hex_of(layer.digest)) == 1, error
+    assert error.startswith(f"snapshot {root.sid('once')}: fetching TOC: "), error
+
+
+def test_startup_sweeps_and_hides_temps_only_in_candidate_dirs(world: World, snapdb, daemons,
+                                                               tmp_path: Path) -> None:
+    root_dir = tmp_path / "root"
+    container = {"op": "active", "key": "k8s.io/7/container", "parent": "sha256:cand-0", "labels": {}}
+    root = SnapshotRoot(root_dir, write_root(snapdb, root_dir, {"cand": image_chain(world.plain)}, [container]))
+    container_id = root.ids["k8s.io/7/container"]
+    user_names = ["converting-stargz-notes.txt", "merging-stargz.log"]
+    for fs_dir in (root_dir / "snapshots" / container_id / "fs", root_dir / "snapshots" / "9999" / "fs"):
+        fs_dir.mkdir(parents=True, exist_ok=True)
+        for name in user_names:
+            (fs_dir / name).write_text("the user's\n")
+    (root.fs("cand") / "converting-stargzdeadbeef").write_bytes(b"partial")
+    daemon = daemons(root_dir, "--rw")
+    mnt = daemon.mountpoint
+    assert not (root.fs("cand") / "converting-stargzdeadbeef").exists()
+    assert f"removed stale temp snapshots/{root.sid('cand')}/fs/converting-stargzdeadbeef" in daemon.log_text()
+    for fs_dir in (root_dir / "snapshots" / container_id / "fs", root_dir / "snapshots" / "9999" / "fs"):
+        assert sorted(os.listdir(fs_dir)) == user_names  # not ours: untouched
+    assert sorted(os.listdir(mnt / container_id)) == user_names  # and shown
+    (mnt / container_id / "converting-stargz-new").write_text("mine")  # and creatable
+    assert (root_dir / "snapshots" / container_id / "fs" / "converting-stargz-new").read_text() == "mine"
+    with pytest.raises(PermissionError):
+        (mnt / root.sid("cand") / "converting-stargz-new").write_text("not here")

@@ -79,7 +79,7 @@ def run_mount(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     daemon.check_root(settings.root)
-    daemon.check_mountpoint(settings.mountpoint)
+    daemon.check_mountpoint(settings.mountpoint, settings.root)
     provider = SnapshotRootProvider(settings)
     if settings.foreground:
         daemon.configure_logging(settings)

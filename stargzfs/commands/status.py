@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from stargzfs import state
+from stargzfs.compose import IMAGE_BOOT
 from stargzfs.errors import UsageError
 from stargzfs.snapshots.store import Snapshot, candidate_reason, load_snapshots
-
-IMAGE_BOOT = "image.boot"
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

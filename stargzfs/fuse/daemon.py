@@ -76,8 +76,16 @@ def find_mount(path: Path) -> MountEntry | None:
 
 
 # --------------------------------------------------------------------------- checks
-def check_mountpoint(mountpoint: Path) -> None:
-    """A mountpoint must be an existing, empty directory that nothing is mounted on."""
+def check_mountpoint(mountpoint: Path, root: Path | None = None) -> None:
+    """A mountpoint must be an existing, empty directory that nothing is mounted on.
+
+    It must not be ROOT or lie inside it: listing ROOT's snapshot dirs would then stat the
+    mount itself, and a FUSE daemon waiting on its own mount hangs for good (D state).
+    """
+    if root is not None:
+        real_root, real_mountpoint = os.path.realpath(root), os.path.realpath(mountpoint)
+        if os.path.commonpath([real_root, real_mountpoint]) == real_root:
+            raise UsageError(f"mountpoint {mountpoint} is inside ROOT {root}: choose a directory outside it")
     entry = find_mount(mountpoint)
     if entry is not None and entry.fstype == FS_TYPE:
         raise MountError(f"{mountpoint} is already a stargzfs mount (stargzfs umount {mountpoint})")
@@ -172,7 +180,7 @@ def configure_logging(settings: MountSettings) -> None:
 # --------------------------------------------------------------------------- serving
 def serve(settings: MountSettings, provider: Provider, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled; always leaves nothing mounted."""
-    check_mountpoint(settings.mountpoint)
+    check_mountpoint(settings.mountpoint, settings.root)
     raise_fd_limit()
     ops = PassthroughOperations(
         provider,
@@ -226,7 +234,7 @@ async def _stop_on_signal(work_scope: trio.CancelScope) -> None:
 # --------------------------------------------------------------------------- background start
 def mount_background(settings: MountSettings, provider: Provider) -> int:
     """Fork a daemon serving the mount; return its pid once the mount is live."""
-    check_mountpoint(settings.mountpoint)
+    check_mountpoint(settings.mountpoint, settings.root)
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -261,6 +269,7 @@ def _daemon_child(settings: MountSettings, provider: Provider, ready_fd: int) ->
 
     try:
         os.setsid()
+        os.chdir("/")  # keep no directory busy (settings paths are absolute: see build_settings)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         if settings.log_file is None:

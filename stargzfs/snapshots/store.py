@@ -388,6 +388,21 @@ class SnapshotSource:
         finally:
             os.close(fd)
 
+    def cached(self) -> SnapshotTable | None:
+        """The table of the last successful read (never touches the file)."""
+        return self._table
+
+    def is_stale(self) -> bool:
+        """Whether metadata.db changed since the cached read (two small preads, no lock).
+
+        For callers that must not block (an event loop): they serve `cached()` and call
+        `current()` in a worker thread when this says so. A broken file counts as changed.
+        """
+        try:
+            return self._table is None or self._current_key() != self._key
+        except StargzfsError:
+            return True
+
     def current(self) -> SnapshotTable:
         """The table for the latest commit; raises StargzfsError subclasses for a bad file.
 
