@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 
 import pytest
 
 from stargzfs.errors import FormatError
-from stargzfs.estargz.toc import clean_name, parse_rfc3339, parse_toc
+from stargzfs.estargz.toc import Toc, clean_name, parse_rfc3339, parse_toc, toc_digest
 from support.paths import NYDUS_FIXTURES
 
 
@@ -78,3 +79,108 @@ def test_normalisation_rules() -> None:
 def test_bad_tocs_name_the_problem(doc: bytes, message: str) -> None:
     with pytest.raises(FormatError, match=message):
         parse_toc(doc)
+
+
+
+# --- document shapes: parse_toc accepts exactly what json.loads accepts (guards issue #3-style
+# --- rewrites of the parser, e.g. streaming `entries`)
+
+SHAPE_RECORDS: list[dict] = [
+    {"name": "./", "type": "dir", "mode": 0o755},
+    {"name": "./é/f", "type": "reg", "size": 10, "chunkSize": 4, "offset": 7, "uid": 5, "userName": "u"},
+    {"name": "./é/f", "type": "chunk", "chunkOffset": 4, "offset": 20},
+    {"name": "./l", "type": "symlink", "linkName": "../é", "uid": 5, "xattrs": {"user.k": "dg=="}},
+]
+
+
+def model(toc: Toc) -> tuple:
+    """Everything but the raw bytes (and their digest), which differ between spellings."""
+    return toc.version, toc.entries, toc.has_root_entry, toc.by_name
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps({"entries": SHAPE_RECORDS, "version": 1}, indent=1).encode(),  # version after entries
+        json.dumps({"x": {"entries": 5, "version": 2}, "entries": SHAPE_RECORDS, "y": [[{}]], "version": 1},
+                   ensure_ascii=False).encode(),  # unknown keys (nested look-alikes) anywhere
+        json.dumps({"version": 1, "entries": SHAPE_RECORDS}).replace(", ", " \r\n\t,\n ").replace(
+            "[", "\t[ \n").replace("]", " ]\r\n").encode(),  # whitespace around every comma and bracket
+        (' \n{ "\\u0076ersion" : 1 , "entr\\u0069es" :' + json.dumps(SHAPE_RECORDS) + "} \n").encode(),
+        b"\xef\xbb\xbf" + json.dumps({"version": 1, "entries": SHAPE_RECORDS}).encode(),  # UTF-8 BOM
+        json.dumps({"version": 1, "entries": SHAPE_RECORDS}).encode("utf-16"),
+        # duplicate keys: the last one wins, as with json.loads
+        b'{"entries": [{"type": "nope"}], "version": 2, "version": 1, "entries": '
+        + json.dumps(SHAPE_RECORDS).encode() + b"}",
+        b'{"version": 1, "entries": [{"name": "old", "type": "dir"}], "entries": '
+        + json.dumps(SHAPE_RECORDS).encode() + b"}",
+    ],
+    ids=["version-last", "unknown-keys", "whitespace", "escaped-keys", "bom", "utf16", "duplicates",
+         "duplicate-entries"],
+)
+def test_document_spellings_give_one_model(raw: bytes) -> None:
+    canonical = parse_toc(json.dumps({"version": 1, "entries": SHAPE_RECORDS}, separators=(",", ":")).encode())
+    assert canonical.by_name["é/f"].chunks[1].offset == 20 and canonical.by_name["l"].xattrs == {"user.k": b"v"}
+    toc = parse_toc(raw)
+    assert model(toc) == model(canonical)
+    assert toc.raw == raw and toc.digest == toc_digest(raw)
+
+
+@pytest.mark.parametrize("raw", [b'{"version": 1}', b'{"entries": null, "version": 1}', b'{"version":1,"entries":[]}'])
+def test_empty_and_missing_entries(raw: bytes) -> None:
+    toc = parse_toc(raw)
+    assert toc.entries == [] and not toc.has_root_entry and list(toc.by_name) == [""]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        # JSON errors win over entry errors found earlier in the document
+        (b'{"version": 1, "entries": [{"type": "socket"}, {]}', "TOC is not valid JSON: Expecting property name"),
+        (b'{"version": 1, "entries": [{"type": "socket"}]} x', "TOC is not valid JSON: Extra data"),
+        # the version error wins over entry errors, wherever "version" is
+        (b'{"entries": [{"type": "socket"}], "version": 2}', "TOC version must be 1, got 2"),
+        (b'{"entries": [], "version": "1"}', "TOC version must be 1, got '1'"),
+        (b'{"version": 1, "entries": {}}', "TOC 'entries' must be an array"),
+        (b'{"version": 1, "entries": [], "entries": 3}', "TOC 'entries' must be an array"),
+        (b'{"version": 1, "entries": [{},]}', "TOC is not valid JSON: Expecting value"),
+        (b'{"version": 1, "entries": [{} {}]}', "TOC is not valid JSON: Expecting ',' delimiter"),
+        (b'{"version": 1,}', "TOC is not valid JSON: Expecting property name"),
+        (b"{}", "TOC version must be 1, got None"),
+        (b"[]", "TOC must be a JSON object"),
+        (b'{"version": 1, "entries": [1]}', "TOC entry #0 is not an object"),
+        (b'{"version": 1, "entries": ["\xff"]}', "TOC is not valid JSON: 'utf-8' codec"),
+    ],
+)
+def test_error_precedence(raw: bytes, message: str) -> None:
+    with pytest.raises(FormatError) as caught:
+        parse_toc(raw)
+    assert str(caught.value).startswith(message)
+
+
+def test_perturbed_tocs_fail_exactly_when_json_loads_does() -> None:
+    """Seeded byte edits of a valid TOC: json.loads's error verbatim, or a model / TOC error."""
+    rng = random.Random(3)
+    base = json.dumps({"version": 1, "entries": SHAPE_RECORDS, "z": {"q": "\\u00e9"}}, indent=1).encode()
+    tokens = [b"", b",", b"]", b"}", b"[", b"{", b'"', b":", b" ", b"\\", b"\x01", b"null", b"1", b"\xc3"]
+    outcomes = set()
+    for _ in range(400):
+        cut = rng.randrange(len(base) + 1)
+        raw = base[:cut] + rng.choice(tokens) + base[cut + rng.randrange(2):]
+        try:
+            json.loads(raw)
+            json_error = None
+        except ValueError as exc:
+            json_error = f"TOC is not valid JSON: {exc}"
+        try:
+            parse_toc(raw)
+            outcomes.add("ok")
+            assert json_error is None, raw
+        except FormatError as exc:
+            if json_error:
+                outcomes.add("json")
+                assert str(exc) == json_error, raw
+            else:
+                outcomes.add("model")
+                assert not str(exc).startswith("TOC is not valid JSON"), raw
+    assert outcomes == {"ok", "json", "model"}  # every kind of outcome was exercised
