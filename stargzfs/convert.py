@@ -190,36 +190,6 @@ async def run_builder(argv: Sequence[str], pass_fds: Sequence[int], what: str) -
 
 
 # ----------------------------------------------------------------------------- fd helpers
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def open_dir_beneath(root_fd: int, parts: Sequence[str], *, create: bool = False) -> int:
-    """O_PATH fd of root/parts..., never following a symlink; ENOENT/ENOTDIR as OSError."""
-    fd = os.dup(root_fd)
-    try:
-        for part in parts:
-            if part in ("", ".", "..") or "/" in part:
-                raise OSError(errno.EINVAL, f"bad path component {part!r}")
-            try:
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    pass
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise OSError(errno.ENOTDIR, f"{part} is a symlink, not a directory") from None
-                raise
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def proc_path(dir_fd: int, name: str) -> str:

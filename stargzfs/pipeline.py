@@ -35,12 +35,12 @@ from stargzfs.convert import (
     copy_layer_outputs,
     detect_builder,
     lstat_at,
-    open_dir_beneath,
     remove_temps,
     temp_name_patterns,
 )
 from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.estargz.toc import TOC_NAME
+from stargzfs.fdpath import open_dir_beneath
 from stargzfs.fuse.provider import ChangeNotifier
 from stargzfs.registry import RegistryClient, RegistryConfig
 from stargzfs.registry.auth import CredentialCache

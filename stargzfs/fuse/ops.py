@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from stargzfs.fdpath import open_dir_beneath
 from stargzfs.fuse.inodes import ROOT_NUMBER, Inode, InodeTable
 from stargzfs.fuse.provider import Provider
 
@@ -244,22 +245,11 @@ class PassthroughOperations(pyfuse3.Operations):
         if any(part in ("", ".", "..") for part in parts):
             log.warning("provider returned a non-canonical dir; ignored: %s", path)
             raise _fail(errno.ENOENT)
-        fd = os.dup(self._root_fd)
         try:
-            for part in parts:
-                try:
-                    child = os.open(part, _LOOKUP_FLAGS | os.O_DIRECTORY, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                        log.warning("not serving %s: %s is not a real directory", path, part)
-                        raise _fail(errno.ENOENT) from None
-                    raise
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return open_dir_beneath(self._root_fd, parts)
+        except NotADirectoryError as exc:
+            log.warning("not serving %s: %s", path, exc.strerror)
+            raise _fail(errno.ENOENT) from None
 
     def _top_dirs(self) -> Mapping[str, Path]:
         tops = self.provider.top_dirs()
