@@ -26,8 +26,7 @@ from stargzfs.convert import (
     run_builder,
     unlink_quietly,
 )
-
-IMAGE_BOOT = "image.boot"
+from stargzfs.snapshots.store import IMAGE_BOOT
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import trio
 
 from stargzfs import state
-from stargzfs.compose import IMAGE_BOOT, ChainLayer, compose_image
+from stargzfs.compose import ChainLayer, compose_image
 from stargzfs.convert import (
     ConversionError,
     ConversionPlan,
@@ -45,7 +45,7 @@ from stargzfs.fuse.provider import ChangeNotifier
 from stargzfs.registry import RegistryClient, RegistryConfig
 from stargzfs.registry.auth import CredentialCache
 from stargzfs.settings import MountSettings
-from stargzfs.snapshots.store import Snapshot, SnapshotSource, SnapshotTable, candidate_reason
+from stargzfs.snapshots.store import IMAGE_BOOT, Snapshot, SnapshotSource, SnapshotTable, candidate_reason
 
 log = logging.getLogger(__name__)
 

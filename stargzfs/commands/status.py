@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from stargzfs import state
-from stargzfs.compose import IMAGE_BOOT
 from stargzfs.errors import UsageError
-from stargzfs.snapshots.store import Snapshot, candidate_reason, load_snapshots
+from stargzfs.snapshots.store import IMAGE_BOOT, Snapshot, candidate_reason, load_snapshots
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

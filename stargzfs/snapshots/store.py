@@ -27,6 +27,9 @@ LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 LABEL_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 LABEL_STARGZ = "containerd.io/snapshot/stargz"
+
+#: Where nydus-snapshotter keeps a chain's merged bootstrap: ROOT/snapshots/<top id>/fs/image.boot.
+IMAGE_BOOT = "image.boot"
 LABEL_TARGET_SNAPSHOT_REF = "containerd.io/snapshot.ref"
 LABEL_PULL_USERNAME = "containerd.io/snapshot/pullusername"
 LABEL_PULL_SECRET = "containerd.io/snapshot/pullsecret"
