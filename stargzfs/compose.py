@@ -19,13 +19,10 @@ from stargzfs.convert import (
     Builder,
     ConversionError,
     copy_file_at,
-    is_regular_at,
-    lstat_at,
-    proc_path,
     publish,
     run_builder,
-    unlink_quietly,
 )
+from stargzfs.fdpath import is_regular_at, lstat_at, proc_path, unlink_quietly
 from stargzfs.snapshots.store import IMAGE_BOOT
 
 

@@ -13,7 +13,6 @@ replacing) and are chmod 0440 before they become visible.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -32,6 +31,7 @@ import trio
 from stargzfs.errors import FormatError, NotEstargzError, StargzfsError, UnsupportedError, UsageError
 from stargzfs.estargz.fetch import fetch_toc
 from stargzfs.estargz.toc import TOC_NAME
+from stargzfs.fdpath import is_regular_at, listdir_at, lstat_at, proc_path, rename_noreplace, unlink_quietly
 from stargzfs.registry import RegistryClient, parse_reference
 from stargzfs.registry.auth import CredentialCache
 from stargzfs.snapshots.store import Snapshot
@@ -42,8 +42,6 @@ CONVERT_TEMP_PREFIX = "converting-stargz"
 MERGE_TEMP_PREFIX = "merging-stargz"
 CHUNK_SIZE = "0x400000"
 OUTPUT_MODE = 0o440
-_RENAME_NOREPLACE = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)
 _VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
 _MAX_ERROR_OUTPUT = 400
 
@@ -190,44 +188,6 @@ async def run_builder(argv: Sequence[str], pass_fds: Sequence[int], what: str) -
 
 
 # ----------------------------------------------------------------------------- fd helpers
-
-
-def proc_path(dir_fd: int, name: str) -> str:
-    """A path naming `name` in the directory behind `dir_fd` (valid in children given that fd)."""
-    return f"/proc/self/fd/{dir_fd}/{name}"
-
-
-def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
-def is_regular_at(dir_fd: int, name: str) -> bool:
-    info = lstat_at(dir_fd, name)
-    return info is not None and stat.S_ISREG(info.st_mode)
-
-
-def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> bool:
-    """renameat2(RENAME_NOREPLACE); False if `dst` already exists (then `src` stays)."""
-    result = _LIBC.renameat2(
-        ctypes.c_int(src_dir_fd), os.fsencode(src), ctypes.c_int(dst_dir_fd), os.fsencode(dst),
-        ctypes.c_uint(_RENAME_NOREPLACE),
-    )
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code == errno.EEXIST:
-        return False
-    raise OSError(code, f"rename {src} -> {dst}: {os.strerror(code)}")
-
-
-def unlink_quietly(dir_fd: int, name: str) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
 
 
 def publish(dir_fd: int, temp: str, final: str) -> bool:
@@ -438,15 +398,6 @@ def temp_name_patterns(name: str) -> bool:
 
 
 _BLOB_META_TEMP = re.compile(r"^\.[0-9a-f]{64}\.blob\.meta\.tmp-")
-
-
-def listdir_at(dir_fd: int) -> list[str]:
-    """Names in the directory behind `dir_fd` (os.listdir on an fd would consume its offset)."""
-    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        return os.listdir(listing)
-    finally:
-        os.close(listing)
 
 
 def remove_temps(dir_fd: int) -> list[str]:

@@ -34,13 +34,12 @@ from stargzfs.convert import (
     convert_layer,
     copy_layer_outputs,
     detect_builder,
-    lstat_at,
     remove_temps,
     temp_name_patterns,
 )
 from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.estargz.toc import TOC_NAME
-from stargzfs.fdpath import open_dir_beneath
+from stargzfs.fdpath import lstat_at, open_dir_beneath
 from stargzfs.fuse.provider import ChangeNotifier
 from stargzfs.registry import RegistryClient, RegistryConfig
 from stargzfs.registry.auth import CredentialCache

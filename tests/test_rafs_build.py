@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from stargzfs.errors import FormatError, UnsupportedError, UsageError
+from stargzfs.errors import UnsupportedError, UsageError
 from stargzfs.estargz.fetch import FileRangeReader
 from stargzfs.estargz.toc import parse_toc
 from stargzfs.rafs import from_toc

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from stargzfs.fdpath import open_dir_beneath
+from stargzfs.fdpath import open_dir_beneath, renameat2
 from stargzfs.fuse.inodes import ROOT_NUMBER, Inode, InodeTable
 from stargzfs.fuse.provider import Provider
 
@@ -639,13 +639,7 @@ class PassthroughOperations(pyfuse3.Operations):
         if flags == 0:
             os.rename(name_old, name_new, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
             return
-        result = _LIBC.renameat2(
-            ctypes.c_int(old_parent.fd), name_old, ctypes.c_int(new_parent.fd), name_new,
-            ctypes.c_uint(flags),
-        )
-        if result != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+        renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
 
     @_errno_boundary
     async def setattr(
