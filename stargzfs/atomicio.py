@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -76,12 +77,26 @@ class AtomicFile:
             raise output_error(self.target, exc) from None
 
 
-def _temp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+_TEMP_NAME = re.compile(r"\.(.+)\.tmp-[0-9]+-[0-9a-f]{8}")
+
+
+def temp_name_for(target_name: str) -> str:
+    """The temp name a write of `target_name` goes through (hidden: starts with a dot)."""
+    return f".{target_name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def temp_target(name: str) -> str | None:
+    """The output a temp name of `temp_name_for` was for; None for any other name.
+
+    Readers of a directory a builder writes into (the mount's sweep of killed conversions)
+    recognise these temps through here: the format has exactly one definition.
+    """
+    match = _TEMP_NAME.fullmatch(name)
+    return match.group(1) if match else None
 
 
 def _open_temp(target: Path, mode: int) -> AtomicFile:
-    temp = _temp_name(target)
+    temp = target.with_name(temp_name_for(target.name))
     try:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError as exc:

@@ -1,22 +1,33 @@
 """File operations relative to directory fds, never following a symlink.
 
-Both the FUSE layer (top dirs under ROOT) and the pipeline (snapshot fs dirs, the cache
-dir) must never be redirected outside ROOT by a symlink planted in a path, so every
+Both the FUSE layer (top dirs under ROOT) and the conversion glue (snapshot fs dirs, the
+cache dir) must never be redirected outside ROOT by a symlink planted in a path, so every
 component is opened relative to its parent's fd with O_NOFOLLOW, as passthrough_ll does,
-and names are only ever resolved inside a directory fd.
+and names are only ever resolved inside a directory fd. Writers here publish like
+stargzfs.atomicio does for paths: a temp beside the target, fsync, then a rename.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 RENAME_NOREPLACE = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_FICLONE = 0x40049409
+
+
+class NotRegularFile(OSError):
+    """A name that must be a regular file is something else (a planted link, a directory...)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(errno.EINVAL, f"{name} is not a regular file")
 
 
 def open_dir_beneath(root_fd: int, parts: Sequence[str], *, create: bool = False) -> int:
@@ -104,3 +115,95 @@ def listdir_at(dir_fd: int) -> list[str]:
         return os.listdir(listing)
     finally:
         os.close(listing)
+
+
+def publish(dir_fd: int, temp: str, final: str, mode: int) -> bool:
+    """chmod the regular file `temp` to `mode`, fsync it, then move it to `final` unless that exists.
+
+    Returns False when `final` already existed (the temp is removed; the existing output wins).
+    """
+    fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(temp)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if rename_noreplace(dir_fd, temp, dir_fd, final):
+        return True
+    unlink_quietly(dir_fd, temp)
+    return False
+
+
+def write_file_at(dir_fd: int, name: str, data: bytes, *, mode: int, temp: str) -> None:
+    """Replace `name` atomically with `data`, through the temp name `temp` beside it."""
+    fd = os.open(temp, _NEW_FILE, 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        unlink_quietly(dir_fd, temp)
+        raise
+
+
+def copy_file_at(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, *, mode: int, temp: str) -> bool:
+    """Copy a regular file (reflink, else copy_file_range) to `dst` via `temp`; False if `dst` exists."""
+    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(src_fd).st_mode):
+            raise NotRegularFile(src)
+        out = os.open(temp, _NEW_FILE, 0o600, dir_fd=dst_dir_fd)
+        try:
+            _clone_or_copy(src_fd, out)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        return publish(dst_dir_fd, temp, dst, mode)
+    finally:
+        os.close(src_fd)
+        unlink_quietly(dst_dir_fd, temp)
+
+
+def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
+    try:
+        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+        return
+    except OSError:
+        pass
+    size = os.fstat(src_fd).st_size
+    offset = 0
+    try:
+        while offset < size:
+            copied = os.copy_file_range(src_fd, dst_fd, size - offset, offset, offset)
+            if copied == 0:
+                break
+            offset += copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while offset < size:
+        chunk = os.pread(src_fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            break
+        os.pwrite(dst_fd, chunk, offset)
+        offset += len(chunk)
+
+
+def remove_matching(dir_fd: int, matches: Callable[[str], bool]) -> list[str]:
+    """Delete the non-directories whose names `matches` in one directory; returns their names."""
+    removed = []
+    for name in listdir_at(dir_fd):
+        if matches(name):
+            info = lstat_at(dir_fd, name)
+            if info is not None and not stat.S_ISDIR(info.st_mode):
+                unlink_quietly(dir_fd, name)
+                removed.append(name)
+    return removed

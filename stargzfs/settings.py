@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from stargzfs.errors import UsageError
+from stargzfs.fuse.config import DaemonSettings
+from stargzfs.snapshots import layout
 
 FS_DRIVERS = ("fusedev", "fscache")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -77,11 +79,20 @@ class MountSettings:
 
     @property
     def effective_cache_dir(self) -> Path:
-        return self.cache_dir if self.cache_dir is not None else self.root / "cache"
+        return self.cache_dir if self.cache_dir is not None else layout.default_cache_dir(self.root)
 
     @property
     def metadata_db(self) -> Path:
-        return self.root / "metadata.db"
+        return layout.metadata_db(self.root)
+
+    @property
+    def daemon(self) -> DaemonSettings:
+        """The part the FUSE daemon sees (it knows nothing of registries or builders)."""
+        return DaemonSettings(
+            mountpoint=self.mountpoint, rw=self.rw, fuse_options=self.fuse_options,
+            entry_timeout=self.entry_timeout, attr_timeout=self.attr_timeout,
+            log_level=self.log_level, log_file=self.log_file,
+        )
 
     def validated(self) -> "MountSettings":
         """Check value ranges; raise UsageError naming the first bad setting."""

@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from stargzfs.cli import main
-from stargzfs.estargz.footer import encode_gzip_footer
+from stargzfs.estargz.gzip_codec import encode_footer as encode_gzip_footer
 from support.images import FileSpec, PushedImage, build_image, upload_blob
 from support.paths import NYDUS_FIXTURES, VENV_BIN
 from support.registry import RegistryProcess

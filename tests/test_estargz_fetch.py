@@ -22,8 +22,12 @@ import trio
 import zstandard
 
 from stargzfs.errors import FormatError, NotEstargzError, UnsupportedError, UsageError, VerificationError
-from stargzfs.estargz.fetch import FileRangeReader, fetch_toc, inflate_prefix, read_chunk, read_toc_file
-from stargzfs.estargz.footer import encode_gzip_footer, encode_zstd_footer
+from stargzfs.estargz.codecs import codec_named
+from stargzfs.estargz.decompress import inflate_prefix, read_chunk
+from stargzfs.estargz.fetch import FileRangeReader, fetch_toc, read_toc_file
+from stargzfs.estargz.gzip_codec import GZIP, toc_tar
+from stargzfs.estargz.gzip_codec import encode_footer as encode_gzip_footer
+from stargzfs.estargz.zstd_codec import encode_footer as encode_zstd_footer
 from stargzfs.estargz.toc import Chunk
 from support.paths import NYDUS_FIXTURES
 
@@ -43,16 +47,6 @@ def _compress(compression: str, data: bytes) -> bytes:
     if compression == "gzip":
         return gzip.compress(data, mtime=0)
     return zstandard.ZstdCompressor().compress(data)
-
-
-def toc_tar(json_bytes: bytes, name: str = "stargz.index.json") -> bytes:
-    """The uncompressed TOC member: tar header, JSON, padding, end-of-archive."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        info = tarfile.TarInfo(name)
-        info.size = len(json_bytes)
-        archive.addfile(info, io.BytesIO(json_bytes))
-    return buffer.getvalue()
 
 
 def make_blob(
@@ -163,7 +157,7 @@ def test_fixture_chunks_reassemble_to_nydus_expected_md5() -> None:
     def content(name: str) -> bytes:
         entry = result.toc.get(name)
         assert entry is not None
-        return b"".join(read_chunk(blob, c, next_offset[c.offset], "gzip") for c in entry.chunks)
+        return b"".join(read_chunk(blob, c, next_offset[c.offset], GZIP) for c in entry.chunks)
 
     large = content("lower/root-large")
     assert len(result.toc.get("lower/root-large").chunks) == 4
@@ -193,8 +187,8 @@ def test_crafted_blob_chunks(tmp_path: Path, compression: str) -> None:
     tool = result.toc.get("bin/tool")
     hello = result.toc.get("etc/hello.txt")
     assert tool is not None and hello is not None
-    assert read_chunk(blob, hello.chunks[0], tool.chunks[0].offset, compression) == FILES["etc/hello.txt"]
-    assert read_chunk(blob, tool.chunks[0], result.footer.payload_end, compression) == FILES["bin/tool"]
+    assert read_chunk(blob, hello.chunks[0], tool.chunks[0].offset, codec_named(compression)) == FILES["etc/hello.txt"]
+    assert read_chunk(blob, tool.chunks[0], result.footer.payload_end, codec_named(compression)) == FILES["bin/tool"]
 
 
 async def test_fetch_toc_counts_requests_and_bytes_for_a_toc_outside_the_window(
@@ -366,13 +360,13 @@ def test_read_chunk_honours_inner_offset() -> None:
     member = gzip.compress(b"HEADER--" + b"first" + b"second", mtime=0)
     blob = b"\0" * 10 + member + gzip.compress(b"next member", mtime=0)
     chunk = Chunk(offset=10, chunk_offset=0, size=6, digest=None, inner_offset=13)
-    assert read_chunk(blob, chunk, 10 + len(member), "gzip") == b"second"
+    assert read_chunk(blob, chunk, 10 + len(member), GZIP) == b"second"
 
 
 def test_read_chunk_spanning_members() -> None:
     blob = gzip.compress(b"abc", mtime=0) + gzip.compress(b"def", mtime=0)
     chunk = Chunk(offset=0, chunk_offset=0, size=5, digest=None, inner_offset=1)
-    assert read_chunk(blob, chunk, len(blob), "gzip") == b"bcdef"
+    assert read_chunk(blob, chunk, len(blob), GZIP) == b"bcdef"
 
 
 @pytest.mark.parametrize(("next_offset", "message"), [(10**9, "outside the"), (5, "outside the")])
@@ -380,14 +374,14 @@ def test_read_chunk_rejects_bad_ranges(next_offset: int, message: str) -> None:
     blob = gzip.compress(b"abc", mtime=0)
     chunk = Chunk(offset=5, chunk_offset=0, size=3, digest=None)
     with pytest.raises(FormatError, match=message):
-        read_chunk(blob, chunk, next_offset, "gzip")
+        read_chunk(blob, chunk, next_offset, GZIP)
 
 
 def test_read_chunk_shorter_than_the_toc_says() -> None:
     blob = gzip.compress(b"abc", mtime=0)
     chunk = Chunk(offset=0, chunk_offset=0, size=10, digest=None)
     with pytest.raises(FormatError, match="decodes to 3 bytes, needs 10"):
-        read_chunk(blob, chunk, len(blob), "gzip")
+        read_chunk(blob, chunk, len(blob), GZIP)
 
 
 async def test_file_range_reader_refuses_ranges_past_the_end(tmp_path: Path) -> None:
@@ -418,9 +412,17 @@ async def test_offload_runs_decoding_in_a_worker_thread(tmp_path: Path) -> None:
 def test_inflate_prefix_is_the_shared_chunk_decoder() -> None:
     """What rafs.materialize uses for blob.meta chunks: a prefix of one member, trailing data ignored."""
     member = gzip.compress(b"payload" + b"tar padding and the next header", mtime=0)
-    assert inflate_prefix(member + b"garbage after", 7, "gzip") == b"payload"
-    assert inflate_prefix(member, 3, "gzip", skip=4) == b"oad"
+    assert inflate_prefix(member + b"garbage after", 7, GZIP) == b"payload"
+    assert inflate_prefix(member, 3, GZIP, skip=4) == b"oad"
     with pytest.raises(FormatError, match="gzip data decodes to 38 bytes, needs 50"):
-        inflate_prefix(member, 50, "gzip")
-    with pytest.raises(UnsupportedError, match="unknown compression 'lz4'"):
-        inflate_prefix(member, 1, "lz4")
+        inflate_prefix(member, 50, GZIP)
+
+
+def test_gzip_member_with_fextra_header_is_accepted() -> None:
+    """The TOC member of old stargz blobs carries FEXTRA (`stargz.toc`)."""
+    body = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = body.compress(b"toc bytes") + body.flush()
+    extra = b"stargz.toc"
+    header = bytes.fromhex("1f8b08040000000000ff") + len(extra).to_bytes(2, "little") + extra
+    trailer = zlib.crc32(b"toc bytes").to_bytes(4, "little") + (9).to_bytes(4, "little")
+    assert GZIP.first_member(header + deflated + trailer, limit=100) == b"toc bytes"

@@ -8,12 +8,9 @@ import struct
 import pytest
 
 from stargzfs.errors import FormatError, NotEstargzError, UnsupportedError
-from stargzfs.estargz.footer import (
-    MAX_FOOTER_SIZE,
-    encode_gzip_footer,
-    encode_zstd_footer,
-    parse_footer,
-)
+from stargzfs.estargz.footer import MAX_FOOTER_SIZE, parse_footer
+from stargzfs.estargz.gzip_codec import encode_footer as encode_gzip_footer
+from stargzfs.estargz.zstd_codec import encode_footer as encode_zstd_footer
 from support.paths import NYDUS_FIXTURES
 
 PAYLOAD = gzip.compress(b"x" * 5000, mtime=0)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from stargzfs.estargz.footer import encode_gzip_footer
+from stargzfs.estargz.gzip_codec import encode_footer as encode_gzip_footer
 from stargzfs.snapshots.store import LABEL_NYDUS_META_LAYER
 from support.erofs import erofs_mounted, extract_layer_tar, overlay_mounted, tree_snapshot
 from support.fake_nydus_image import read_journal, running_builds, write_fake_nydus_image

@@ -16,8 +16,7 @@ import pytest
 
 from stargzfs.errors import RegistryError, UsageError
 from stargzfs.registry import (
-    LABEL_PULL_SECRET,
-    LABEL_PULL_USERNAME,
+    CredentialCache,
     Credentials,
     RegistryClient,
     RegistryConfig,
@@ -25,7 +24,7 @@ from stargzfs.registry import (
     parse_reference,
     resolve_credentials,
 )
-from stargzfs.registry.auth import CredentialCache, RegistryAuth, parse_challenge
+from stargzfs.registry.auth import RegistryAuth, parse_challenge
 from support.registry import RegistryProcess, make_htpasswd
 from support.token_server import TokenServer
 
@@ -137,13 +136,12 @@ def test_credentials_never_show_the_secret() -> None:
     assert PASSWORD not in repr(auth)
 
 
-def test_labels_come_first_and_need_both_keys(tmp_path: Path) -> None:
+def test_given_credentials_come_first(tmp_path: Path) -> None:
     ref = parse_reference("127.0.0.1:5000/a/b")
     config = write_docker_config(tmp_path, {"127.0.0.1:5000": {"auth": b64("cfg-user:cfg-pass")}})
-    labels = {LABEL_PULL_USERNAME: "label-user", LABEL_PULL_SECRET: "label-pass"}
-    assert resolve_credentials(ref, labels, config) == Credentials("label-user", "label-pass")
-    only_user = {LABEL_PULL_USERNAME: "label-user", LABEL_PULL_SECRET: ""}
-    assert resolve_credentials(ref, only_user, config) == Credentials("cfg-user", "cfg-pass")
+    given = Credentials("label-user", "label-pass")
+    assert resolve_credentials(ref, given, config) == given
+    assert resolve_credentials(ref, None, config) == Credentials("cfg-user", "cfg-pass")
     assert resolve_credentials(ref, None, tmp_path / "missing.json") is None
 
 
@@ -259,8 +257,8 @@ async def test_credential_cache_runs_the_helper_once_and_labels_need_none(
     assert await cache.resolve(ref) == Credentials("helper-user", "helper-secret")
     assert await cache.resolve(ref) == Credentials("helper-user", "helper-secret")
     assert (bin_dir / "runs").read_text() == "run\n" and cache.lookups == 1
-    labels = {LABEL_PULL_USERNAME: USER, LABEL_PULL_SECRET: PASSWORD}
-    assert await cache.resolve(parse_reference("reg.example/b"), labels) == Credentials(USER, PASSWORD)
+    given = Credentials(USER, PASSWORD)
+    assert await cache.resolve(parse_reference("reg.example/b"), given) == given
     assert cache.lookups == 1 and "helper-secret" not in repr(cache)
 
 
@@ -346,15 +344,15 @@ async def test_basic_auth_refusals(basic_registry: AuthRegistry) -> None:
 # --- Bearer (auth.token) --------------------------------------------------------------------------
 
 
-async def test_bearer_flow_with_label_credentials_and_token_cache(token_registry: TokenRegistry) -> None:
-    labels = {LABEL_PULL_USERNAME: USER, LABEL_PULL_SECRET: PASSWORD}
+async def test_bearer_flow_with_given_credentials_and_token_cache(token_registry: TokenRegistry) -> None:
+    given = Credentials(USER, PASSWORD)
     first, second = token_registry.digests
     mark = token_registry.registry.mark()
     async with RegistryClient() as client:
-        data, size = await client.blob(token_registry.ref, first, labels=labels).read_tail(64)
+        data, size = await client.blob(token_registry.ref, first, credentials=given).read_tail(64)
         assert token_registry.statuses_since(mark) == [401, 206]
         mark = token_registry.registry.mark()
-        other = client.blob(token_registry.ref, second, labels=labels)
+        other = client.blob(token_registry.ref, second, credentials=given)
         assert await other.read_range(10, 20) == token_registry.data[second][10:20]
         assert token_registry.statuses_since(mark) == [206]  # cached token, no new challenge
         assert client.token_requests(token_registry.ref) == 1
@@ -442,8 +440,8 @@ async def test_secrets_stay_out_of_logs(
     caplog.set_level(logging.DEBUG)
     token_registry.tokens.stale_tokens = 1
     async with RegistryClient(FAST) as client:
-        labels = {LABEL_PULL_USERNAME: USER, LABEL_PULL_SECRET: PASSWORD}
-        await client.blob(token_registry.ref, token_registry.digests[0], labels=labels).read_tail(8)
+        await client.blob(token_registry.ref, token_registry.digests[0],
+                          credentials=Credentials(USER, PASSWORD)).read_tail(8)
         await client.blob(basic_registry.ref, basic_registry.digests[0],
                           credentials=Credentials(USER, PASSWORD)).read_tail(8)
         with pytest.raises(RegistryError):

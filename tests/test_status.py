@@ -12,7 +12,7 @@ import pytest
 from support.gohelper import Snapdb, image_chain_ops
 from support.paths import REPO
 
-from stargzfs import state
+from stargzfs.conversion import state
 from stargzfs.errors import UsageError
 from stargzfs.snapshots.store import LABEL_NYDUS_META_LAYER, LABEL_PULL_SECRET, load_snapshots
 
@@ -160,7 +160,7 @@ def test_state_records_and_replaces_atomically(tmp_path: Path) -> None:
 
 def test_state_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     script = (
-        "import sys; from stargzfs import state\n"
+        "import sys; from stargzfs.conversion import state\n"
         "for i in range(15): state.record_layer(sys.argv[1], f'{sys.argv[2]}-{i}', status='converted')\n"
     )
     others = [

@@ -18,6 +18,9 @@ from stargzfs.snapshots.store import (
     LABEL_NYDUS_DATA_LAYER,
     LABEL_NYDUS_META_LAYER,
     LABEL_PULL_SECRET,
+    LABEL_PULL_USERNAME,
+    LABEL_TOC_DIGEST,
+    LayerCandidate,
     Snapshot,
     SnapshotSource,
     SnapshotTable,
@@ -138,6 +141,18 @@ def test_candidate_reasons() -> None:
     assert "64 hex" in (candidate_reason(_snap(**{**good, LABEL_LAYER_DIGEST: "sha512:00"})) or "")
     assert candidate_reason(_snap(**{**good, LABEL_NYDUS_META_LAYER: "true"})) == "nydus meta (bootstrap) layer"
     assert candidate_reason(_snap(**{**good, LABEL_NYDUS_DATA_LAYER: "true"})) == "nydus data layer"
+
+
+def test_candidate_carries_checked_labels_and_hides_the_secret() -> None:
+    good = layer_labels("registry.local/a:v1", "ab" * 32)
+    secret_labels = {LABEL_PULL_USERNAME: "user", LABEL_PULL_SECRET: SECRET, LABEL_TOC_DIGEST: "sha256:" + "cd" * 32}
+    candidate = _snap(**good, **secret_labels).candidate
+    assert candidate == LayerCandidate("1", "ab" * 32, "registry.local/a:v1", "sha256:" + "cd" * 32, ("user", SECRET))
+    assert candidate.layer_digest == "sha256:" + "ab" * 32 and SECRET not in repr(candidate)
+    assert _snap("active", **good).candidate is None
+    # upstream's FromLabels: both pull labels or none
+    assert _snap(**good, **{LABEL_PULL_USERNAME: "user", LABEL_PULL_SECRET: ""}).pull_credentials is None
+    assert _snap(**good, **{LABEL_PULL_SECRET: SECRET}).pull_credentials is None
 
 
 def test_value_decoders() -> None:

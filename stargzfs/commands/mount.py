@@ -74,18 +74,18 @@ def settings_from_args(args: argparse.Namespace) -> MountSettings:
 
 def run_mount(args: argparse.Namespace) -> int:
     # Imported here so `stargzfs --help` and other sub-commands do not load pyfuse3.
+    from stargzfs.conversion.provider import SnapshotRootProvider
     from stargzfs.fuse import daemon
-    from stargzfs.pipeline import SnapshotRootProvider
 
     settings = settings_from_args(args)
     daemon.check_root(settings.root)
     daemon.check_mountpoint(settings.mountpoint, settings.root)
     provider = SnapshotRootProvider(settings)
     if settings.foreground:
-        daemon.configure_logging(settings)
-        daemon.serve(settings, provider)
+        daemon.configure_logging(settings.daemon)
+        daemon.serve(settings.daemon, provider)
         return 0
-    pid = daemon.mount_background(settings, provider)
+    pid = daemon.mount_background(settings.daemon, provider)
     print(f"stargzfs: serving {settings.root} on {settings.mountpoint} (daemon pid {pid}); "
           f"unmount with: stargzfs umount {settings.mountpoint}", file=sys.stderr)
     return 0

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stargzfs import state
+from stargzfs.conversion import state
 from stargzfs.errors import UsageError
-from stargzfs.snapshots.store import IMAGE_BOOT, Snapshot, candidate_reason, load_snapshots
+from stargzfs.snapshots import layout
+from stargzfs.snapshots.store import Snapshot, candidate_reason, load_snapshots
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -46,14 +47,14 @@ def _listing(directory: str) -> set[str] | None:
 def snapshot_row(
     root: Path, cache_dir: Path, snapshot: Snapshot, current: dict[str, dict[str, dict[str, Any]]]
 ) -> dict[str, Any]:
-    names = _listing(os.path.join(root, "snapshots", snapshot.id, "fs"))
+    names = _listing(str(layout.fs_dir(root, snapshot.id)))
     present = names or set()
     layer_hex = snapshot.layer_hex
     blob_meta: list[str] = []
     if layer_hex:
-        if os.path.isfile(os.path.join(cache_dir, f"{layer_hex}.blob.meta")):
+        if os.path.isfile(os.path.join(cache_dir, layout.blob_meta_name(layer_hex))):
             blob_meta.append("fusedev")
-        if f"{layer_hex}.blob.meta" in present:
+        if layout.blob_meta_name(layer_hex) in present:
             blob_meta.append("fscache")
     layer_state = current["layers"].get(layer_hex or "", {})
     image_state = current["images"].get(snapshot.id, {})
@@ -69,8 +70,8 @@ def snapshot_row(
         "layer_digest": snapshot.layer_digest,
         "toc_digest": snapshot.toc_digest,
         "fs_dir": names is not None,
-        "bootstrap": bool(layer_hex) and layer_hex in present,
-        "image_boot": IMAGE_BOOT in present,
+        "bootstrap": bool(layer_hex) and layout.bootstrap_name(layer_hex or "") in present,
+        "image_boot": layout.IMAGE_BOOT in present,
         "blob_meta": blob_meta,
         "layer_status": layer_state.get("status"),
         "layer_error": layer_state.get("error"),
@@ -83,9 +84,9 @@ def collect(root: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     """The status document; raises StargzfsError subclasses for a bad root or database."""
     if not root.is_dir():
         raise UsageError(f"{root}: not a directory (expected a nydus-snapshotter root)")
-    table = load_snapshots(root / "metadata.db")
+    table = load_snapshots(layout.metadata_db(root))
     current = state.load_state(root)
-    cache = cache_dir if cache_dir is not None else root / "cache"
+    cache = cache_dir if cache_dir is not None else layout.default_cache_dir(root)
     return {
         "root": str(root),
         "txid": table.txid,

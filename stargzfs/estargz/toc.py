@@ -14,13 +14,13 @@ import base64
 import binascii
 import calendar
 import functools
-import hashlib
 import json
 import posixpath
 import re
 import stat
 from dataclasses import dataclass, field
 
+from stargzfs.digest import sha256_digest
 from stargzfs.errors import FormatError
 from stargzfs.gcpause import paused_gc
 
@@ -40,7 +40,6 @@ TYPE_BITS = {
     "block": stat.S_IFBLK,
     "fifo": stat.S_IFIFO,
 }
-EMPTY_SHA256 = "sha256:" + hashlib.sha256(b"").hexdigest()
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
@@ -144,10 +143,6 @@ def parse_rfc3339(value: str) -> tuple[int, int]:
     return seconds, nsec
 
 
-def toc_digest(raw: bytes) -> str:
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
-
-
 def _where(index: int, rec: dict) -> str:
     """Names an entry in error messages; built only when there is an error (hot loop)."""
     return f"entry #{index} ({rec.get('name', '')!r})"
@@ -224,7 +219,7 @@ def _parse_toc(raw: bytes) -> Toc:
         version=1,
         entries=entries,
         raw=bytes(raw),
-        digest=toc_digest(raw),
+        digest=sha256_digest(raw),
         has_root_entry=has_root,
         by_name=_index(entries),
     )

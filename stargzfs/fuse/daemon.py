@@ -24,7 +24,7 @@ import trio
 from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.fuse.ops import PassthroughOperations
 from stargzfs.fuse.provider import Provider
-from stargzfs.settings import MountSettings
+from stargzfs.fuse.config import DaemonSettings
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def check_root(root: Path) -> None:
         raise UsageError(f"ROOT {root} is not a directory")
 
 
-def fuse_options(settings: MountSettings) -> set[str]:
+def fuse_options(settings: DaemonSettings) -> set[str]:
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {f"fsname={FS_NAME}", f"subtype={FS_NAME}"}
     if not settings.rw:
@@ -160,7 +160,7 @@ def widen_read_ahead(mountpoint: Path) -> None:
         log.debug("cannot raise readahead of %s: %s", mountpoint, exc)
 
 
-def configure_logging(settings: MountSettings) -> None:
+def configure_logging(settings: DaemonSettings) -> None:
     """Concise daemon log: to --log-file if given, else stderr."""
     handler: logging.Handler
     if settings.log_file is not None:
@@ -178,9 +178,9 @@ def configure_logging(settings: MountSettings) -> None:
 
 
 # --------------------------------------------------------------------------- serving
-def serve(settings: MountSettings, provider: Provider, on_ready: Callable[[], None] | None = None) -> None:
+def serve(settings: DaemonSettings, provider: Provider, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled; always leaves nothing mounted."""
-    check_mountpoint(settings.mountpoint, settings.root)
+    check_mountpoint(settings.mountpoint, provider.root)
     raise_fd_limit()
     ops = PassthroughOperations(
         provider,
@@ -232,9 +232,9 @@ async def _stop_on_signal(work_scope: trio.CancelScope) -> None:
 
 
 # --------------------------------------------------------------------------- background start
-def mount_background(settings: MountSettings, provider: Provider) -> int:
+def mount_background(settings: DaemonSettings, provider: Provider) -> int:
     """Fork a daemon serving the mount; return its pid once the mount is live."""
-    check_mountpoint(settings.mountpoint, settings.root)
+    check_mountpoint(settings.mountpoint, provider.root)
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -256,7 +256,7 @@ def mount_background(settings: MountSettings, provider: Provider) -> int:
     raise MountError(f"mount daemon exited before the mount was ready (wait status {status})")
 
 
-def _daemon_child(settings: MountSettings, provider: Provider, ready_fd: int) -> int:
+def _daemon_child(settings: DaemonSettings, provider: Provider, ready_fd: int) -> int:
     """Body of the forked daemon: detach, serve, report readiness or the failure."""
     reported = False
 

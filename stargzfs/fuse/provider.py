@@ -3,7 +3,7 @@
 The ops layer knows nothing about snapshots, registries or builders: it asks a Provider
 which real directories to expose at the top of the mount, which names to list in them
 before they exist, which names to hide, and awaits `materialize` when a listed-but-missing
-name is looked up. The lazy conversion pipeline plugs in here (stargzfs/pipeline.py).
+name is looked up. The lazy conversion plugs in here (stargzfs/conversion/provider.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stargzfs.digest import is_layer_hex
 from stargzfs.errors import UsageError
+from stargzfs.estargz.codecs import CODEC_NAMES
 from stargzfs.estargz.toc import Toc, parse_toc
 from stargzfs.gcpause import paused_gc
 from stargzfs.rafs.blobmeta import encode_blob_meta
@@ -14,7 +16,7 @@ from stargzfs.rafs.from_toc import TocTree, build_tree
 from stargzfs.rafs.tree import RafsImage
 from stargzfs.rafs.writer import write_bootstrap
 
-COMPRESSORS = ("gzip", "zstd")
+COMPRESSORS = CODEC_NAMES
 MIN_CHUNK_SIZE = 0x1000
 MAX_CHUNK_SIZE = 0x1000000
 
@@ -33,7 +35,7 @@ def validate_chunk_size(chunk_size: int) -> None:
 
 
 def validate_blob_id(blob_id: str) -> None:
-    if len(blob_id) != 64 or any(ch not in "0123456789abcdef" for ch in blob_id):
+    if not is_layer_hex(blob_id):
         raise UsageError(f"blob id {blob_id!r} must be 64 lowercase hex characters (the layer digest)")
 
 

@@ -20,15 +20,16 @@ from typing import Protocol
 
 from stargzfs.atomicio import atomic_output
 from stargzfs.errors import FormatError, UnsupportedError, VerificationError
-from stargzfs.estargz.fetch import COMPRESSIONS, inflate_prefix
+from stargzfs.estargz.codec import Codec
+from stargzfs.estargz.codecs import CODEC_NAMES, codec_for_data, codec_named
+from stargzfs.estargz.decompress import inflate_prefix
 from stargzfs.estargz.toc import Chunk, Toc
 from stargzfs.rafs.blobmeta import ChunkMeta, decode_blob_meta
 
 PAGE_SIZE = 4096
 MAX_SPAN = 32 << 20  # bytes fetched per range request at most (unless one chunk needs more)
 MAX_GAP = 1 << 20  # unused bytes we accept reading to save a request
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+COMPRESSIONS = CODEC_NAMES
 
 
 class RangeReader(Protocol):
@@ -168,14 +169,6 @@ def _spans(jobs: Sequence[_Job]) -> Iterable[tuple[int, int, list[_Job]]]:
         yield start, end, group
 
 
-def detect_compression(data: bytes) -> str:
-    if data.startswith(GZIP_MAGIC):
-        return "gzip"
-    if data.startswith(ZSTD_MAGIC):
-        return "zstd"
-    raise FormatError(f"chunk data starts with {data[:4].hex()}: neither a gzip member nor a zstd frame")
-
-
 async def _blob_size(reader: RangeReader, blob_size: int | None) -> int:
     if blob_size is not None:
         return blob_size
@@ -199,8 +192,12 @@ async def materialize(
 
     `compression` None means detect it from the first chunk's magic bytes.
     """
-    if compression is not None and compression not in COMPRESSIONS:
-        raise UnsupportedError(f"unknown compression {compression!r} (expected gzip or zstd)")
+    codec: Codec | None = None
+    if compression is not None:
+        try:
+            codec = codec_named(compression)
+        except FormatError as exc:
+            raise UnsupportedError(str(exc)) from None
     _, chunks = decode_blob_meta(blob_meta)
     size = await _blob_size(reader, blob_size) if chunks else 0
     jobs = _plan(chunks, size, toc)
@@ -218,9 +215,9 @@ async def materialize(
             for job in group:
                 relative = job.meta.compressed_offset - start
                 piece = view[relative : job.read_end - start]
-                if compression is None:
-                    compression = detect_compression(bytes(piece[:4]))
-                content = _inflate_job(job, piece, compression)
+                if codec is None:
+                    codec = codec_for_data(piece)
+                content = _inflate_job(job, piece, codec)
                 if job.expected_digest is not None:
                     _verify(job, content)
                     verified += 1
@@ -233,14 +230,14 @@ async def materialize(
         verified=verified,
         requests=requests,
         bytes_fetched=fetched,
-        compression=compression or "none",
+        compression=codec.name if codec is not None else "none",
     )
 
 
-def _inflate_job(job: _Job, data: memoryview, compression: str) -> bytes:
+def _inflate_job(job: _Job, data: memoryview, codec: Codec) -> bytes:
     coff, usize = job.meta.compressed_offset, job.meta.uncompressed_size
     try:
-        return inflate_prefix(data, usize, compression)
+        return inflate_prefix(data, usize, codec)
     except FormatError as exc:
         raise FormatError(
             f"blob.meta entry {job.index} ({usize} bytes at compressed offset {coff}, "

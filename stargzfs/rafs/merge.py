@@ -11,12 +11,12 @@ equals a kernel overlayfs of the extracted layers.
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from stargzfs.digest import is_layer_hex
 from stargzfs.errors import FormatError, StargzfsError, UnsupportedError, UsageError
 from stargzfs.gcpause import paused_gc
 from stargzfs.rafs.reader import read_bootstrap
@@ -27,7 +27,6 @@ WHITEOUT_PREFIX = b".wh."
 #: AUFS meta files (`.wh..wh.plnk`, `.wh..wh.aufs`, …): never applied, never kept (as containerd does)
 WHITEOUT_META_PREFIX = b".wh..wh."
 OPAQUE_MARKER = b".wh..wh..opq"
-LAYER_DIGEST = re.compile(r"[0-9a-f]{64}")
 #: RAFS v5 superblock: magic "RAFS" (LE u32) at offset 0, fs version at offset 4
 _RAFS_V5_HEAD = struct.Struct("<II")
 _RAFS_V5_MAGIC = 0x5241_4653
@@ -44,7 +43,7 @@ class MergeResult:
 def source_blob_id(path: Path) -> str:
     """A layer bootstrap is named by its layer digest; that name becomes its blob id."""
     name = Path(path).name
-    if not LAYER_DIGEST.fullmatch(name):
+    if not is_layer_hex(name):
         raise UsageError(
             f"source {str(path)!r}: file name must be the 64 lowercase hex digits of its layer digest"
         )

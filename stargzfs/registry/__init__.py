@@ -1,19 +1,13 @@
-"""OCI registry access: references, credentials/auth, checked ranged blob reads."""
+"""OCI registry access: references, credentials, the auth flow, checked ranged blob reads."""
 
-from stargzfs.registry.auth import (
-    LABEL_PULL_SECRET,
-    LABEL_PULL_USERNAME,
-    Credentials,
-    RegistryAuth,
-    resolve_credentials,
-)
+from stargzfs.registry.auth import RegistryAuth
 from stargzfs.registry.client import BlobReader, RegistryClient, RegistryConfig, RegistryRequestError
+from stargzfs.registry.credentials import CredentialCache, Credentials, resolve_credentials
 from stargzfs.registry.reference import Reference, default_scheme, parse_reference
 
 __all__ = [
-    "LABEL_PULL_SECRET",
-    "LABEL_PULL_USERNAME",
     "BlobReader",
+    "CredentialCache",
     "Credentials",
     "Reference",
     "RegistryAuth",

@@ -27,9 +27,11 @@ from typing import TypeVar
 import anyio
 import httpx
 
-from stargzfs.errors import RegistryError, UsageError
-from stargzfs.registry.auth import AuthState, Credentials, RegistryAuth, resolve_credentials
-from stargzfs.registry.reference import Reference, as_reference, default_scheme, validate_digest
+from stargzfs.errors import RegistryError
+from stargzfs.digest import validate_digest
+from stargzfs.registry.auth import AuthState, RegistryAuth
+from stargzfs.registry.credentials import Credentials, resolve_credentials
+from stargzfs.registry.reference import Reference, as_reference, default_scheme
 
 LOG = logging.getLogger(__name__)
 
@@ -192,12 +194,7 @@ class RegistryClient:
         return f"{self.scheme(ref)}://{ref.api_host}/v2/{ref.repository}"
 
     def auth_for(
-        self,
-        ref: Reference,
-        *,
-        labels: Mapping[str, str] | None = None,
-        credentials: Credentials | None = None,
-        resolved: bool = False,
+        self, ref: Reference, *, credentials: Credentials | None = None, resolved: bool = False
     ) -> RegistryAuth:
         """An auth flow sharing its token cache with every other user of the same repository.
 
@@ -205,8 +202,8 @@ class RegistryClient:
         no config file or credential helper is consulted here (callers on an event loop resolve
         in a worker thread first).
         """
-        if credentials is None and not resolved:
-            credentials = resolve_credentials(ref, labels, self.config.docker_config)
+        if not resolved:
+            credentials = resolve_credentials(ref, credentials, self.config.docker_config)
         key = (ref.api_host, ref.repository, credentials)
         state = self._auth_states.setdefault(key, AuthState())
         return RegistryAuth(
@@ -215,20 +212,11 @@ class RegistryClient:
         )
 
     def blob(
-        self,
-        ref: Reference | str,
-        digest: str,
-        *,
-        labels: Mapping[str, str] | None = None,
-        credentials: Credentials | None = None,
-        resolved: bool = False,
+        self, ref: Reference | str, digest: str, *, credentials: Credentials | None = None, resolved: bool = False
     ) -> "BlobReader":
         reference = as_reference(ref)
-        try:
-            validate_digest(digest)
-        except UsageError as exc:
-            raise UsageError(f"{reference}: {exc}") from None
-        auth = self.auth_for(reference, labels=labels, credentials=credentials, resolved=resolved)
+        validate_digest(digest, f" for a blob of {reference}")
+        auth = self.auth_for(reference, credentials=credentials, resolved=resolved)
         return BlobReader(self, reference, digest, auth)
 
     # --- shared request machinery ---------------------------------------------------------------
@@ -283,13 +271,12 @@ class RegistryClient:
         self,
         ref: Reference | str,
         *,
-        labels: Mapping[str, str] | None = None,
         credentials: Credentials | None = None,
         platform_spec: str | None = None,
     ) -> dict:
         """The image manifest JSON; an index/list is resolved to `platform_spec` (default: this host)."""
         reference = as_reference(ref)
-        auth = self.auth_for(reference, labels=labels, credentials=credentials)
+        auth = self.auth_for(reference, credentials=credentials)
         document = await self._fetch_manifest(reference, reference.digest or reference.tag or "latest", auth)
         media_type = document.get("mediaType")
         if media_type in INDEX_MEDIA_TYPES or (media_type is None and "manifests" in document):

@@ -13,6 +13,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from stargzfs.digest import is_layer_hex, validate_digest
 from stargzfs.errors import UsageError
 
 DOCKER_HUB = "docker.io"
@@ -31,8 +32,6 @@ _DOMAIN = rf"{_HOST}(?::[0-9]+)?"
 _PATH_COMPONENT_RE = re.compile(rf"^{_PATH_COMPONENT}$")
 _DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
-_HEX64_RE = re.compile(r"^[a-f0-9]{64}$")
 _MAX_NAME_LENGTH = 255
 
 
@@ -67,18 +66,6 @@ class Reference:
         return text
 
 
-def validate_digest(digest: str) -> str:
-    """Accept `algorithm:encoded`; sha256 must be 64 lower-case hex digits (as in OCI)."""
-    if not _DIGEST_RE.match(digest):
-        raise UsageError(f"invalid digest {digest!r}: expected algorithm:hex, e.g. sha256:<64 hex>")
-    algorithm, _, encoded = digest.partition(":")
-    if algorithm == "sha256" and not _HEX64_RE.match(encoded):
-        raise UsageError(f"invalid digest {digest!r}: sha256 needs 64 lower-case hex digits")
-    if algorithm == "sha512" and not re.match(r"^[a-f0-9]{128}$", encoded):
-        raise UsageError(f"invalid digest {digest!r}: sha512 needs 128 lower-case hex digits")
-    return digest
-
-
 def _split_domain(name: str) -> tuple[str, str]:
     first, slash, rest = name.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost"):
@@ -101,10 +88,7 @@ def parse_reference(ref: str) -> Reference:
     remainder, at, digest = ref.partition("@")
     digest_value: str | None = None
     if at:
-        try:
-            digest_value = validate_digest(digest)
-        except UsageError as exc:
-            raise UsageError(f"invalid image reference {ref!r}: {exc}") from None
+        digest_value = validate_digest(digest, f" in image reference {ref!r}")
     tag: str | None = None
     last_slash = remainder.rfind("/")
     colon = remainder.rfind(":")
@@ -114,7 +98,7 @@ def parse_reference(ref: str) -> Reference:
             raise UsageError(f"invalid image reference {ref!r}: invalid tag {tag!r}")
     if not remainder:
         raise UsageError(f"invalid image reference {ref!r}: missing repository name")
-    if _HEX64_RE.match(remainder):
+    if is_layer_hex(remainder):
         raise UsageError(
             f"invalid image reference {ref!r}: a 64-hex-digit string is an image id, not a repository"
         )

@@ -9,7 +9,6 @@ never appear in a repr or an error message.
 from __future__ import annotations
 
 import os
-import re
 import struct
 import threading
 import types
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from stargzfs.digest import sha256_hex_of
 from stargzfs.errors import FormatError, StargzfsError, UnsupportedError
 from stargzfs.snapshots import bolt
 
@@ -27,9 +27,6 @@ LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 LABEL_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 LABEL_STARGZ = "containerd.io/snapshot/stargz"
-
-#: Where nydus-snapshotter keeps a chain's merged bootstrap: ROOT/snapshots/<top id>/fs/image.boot.
-IMAGE_BOOT = "image.boot"
 LABEL_TARGET_SNAPSHOT_REF = "containerd.io/snapshot.ref"
 LABEL_PULL_USERNAME = "containerd.io/snapshot/pullusername"
 LABEL_PULL_SECRET = "containerd.io/snapshot/pullsecret"
@@ -45,7 +42,6 @@ LABEL_TARFS_HINT = "containerd.io/snapshot/tarfs-hint"
 
 KINDS = {1: "view", 2: "active", 3: "committed"}
 GO_EPOCH_TO_UNIX = 62135596800  # seconds from 0001-01-01 to 1970-01-01
-_SHA256_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _UTC = timezone.utc
 _GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=_UTC)
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
@@ -81,8 +77,7 @@ class Snapshot:
     @property
     def layer_hex(self) -> str | None:
         """The 64-hex blob id nydus uses for bootstrap and blob.meta names."""
-        match = _SHA256_DIGEST.fullmatch(self.labels.get(LABEL_LAYER_DIGEST, ""))
-        return match.group(1) if match else None
+        return sha256_hex_of(self.labels.get(LABEL_LAYER_DIGEST, ""))
 
     @property
     def image_ref(self) -> str | None:
@@ -95,6 +90,38 @@ class Snapshot:
     @property
     def parent_id(self) -> str | None:
         return self.parent_ids[0] if self.parent_ids else None
+
+    @property
+    def pull_credentials(self) -> tuple[str, str] | None:
+        """(username, secret) from the pull labels; both must be non-empty, as upstream's FromLabels requires."""
+        username = self.labels.get(LABEL_PULL_USERNAME, "")
+        secret = self.labels.get(LABEL_PULL_SECRET, "")
+        return (username, secret) if username and secret else None
+
+    @property
+    def candidate(self) -> LayerCandidate | None:
+        """This snapshot as an eStargz conversion candidate, or None (candidate_reason says why)."""
+        if candidate_reason(self) is not None:
+            return None
+        layer_hex = self.layer_hex
+        image_ref = self.image_ref
+        assert layer_hex is not None and image_ref is not None  # candidate_reason checked both
+        return LayerCandidate(self.id, layer_hex, image_ref, self.toc_digest, self.pull_credentials)
+
+
+@dataclass(frozen=True)
+class LayerCandidate:
+    """A committed image layer the mount may convert, with every label it needs already checked."""
+
+    snapshot_id: str
+    layer_hex: str  # the layer digest's 64 hex digits: bootstrap and blob.meta names
+    image_ref: str  # cri.image-ref: which registry and repository serve the blob
+    toc_digest: str | None  # stargz/toc.digest: what the TOC must hash to, when the label is set
+    pull_credentials: tuple[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def layer_digest(self) -> str:
+        return f"sha256:{self.layer_hex}"
 
 
 def candidate_reason(snapshot: Snapshot) -> str | None:

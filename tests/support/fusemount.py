@@ -105,9 +105,9 @@ def _child_main(spec_json: str, ready_fd: int) -> int:
         entry_timeout=float(spec.get("entry_timeout", 1.0)),
         attr_timeout=float(spec.get("attr_timeout", 1.0)),
     )
-    daemon.configure_logging(settings)
+    daemon.configure_logging(settings.daemon)
     if spec.get("provider") == "snapshot_root":
-        from stargzfs.pipeline import SnapshotRootProvider
+        from stargzfs.conversion.provider import SnapshotRootProvider
 
         provider: Any = SnapshotRootProvider(settings)
     else:
@@ -117,7 +117,7 @@ def _child_main(spec_json: str, ready_fd: int) -> int:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
 
-    daemon.serve(settings, provider, on_ready=ready)
+    daemon.serve(settings.daemon, provider, on_ready=ready)
     return 0
 
 

@@ -10,19 +10,22 @@ of truth. Callers must keep secrets out of `error` texts.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
+import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from stargzfs.atomicio import write_atomically
-from stargzfs.errors import UsageError
+from stargzfs.errors import StargzfsError, UsageError
+from stargzfs.snapshots.layout import STATE_FILE, STATE_LOCK, state_dir
 
-STATE_DIR = "stargzfs"
-STATE_FILE = "state.json"
-LOCK_FILE = "state.lock"
+log = logging.getLogger(__name__)
+
 LAYER_STATUSES = ("converted", "not-estargz", "error")
 IMAGE_STATUSES = ("merged", "error")  # suggested; any short lower-case word is accepted
 MAX_ERROR_CHARS = 2000
@@ -32,7 +35,7 @@ _STATUS_WORD = re.compile(r"[a-z][a-z-]{0,31}")
 
 
 def state_path(root: Path) -> Path:
-    return Path(root) / STATE_DIR / STATE_FILE
+    return state_dir(root) / STATE_FILE
 
 
 def _empty() -> dict[str, dict[str, dict[str, Any]]]:
@@ -62,9 +65,9 @@ def load_state(root: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def _update(root: Path, section: str, key: str, record: dict[str, Any]) -> None:
-    directory = Path(root) / STATE_DIR
+    directory = state_dir(root)
     directory.mkdir(mode=0o700, exist_ok=True)
-    with _process_lock, open(directory / LOCK_FILE, "a") as lock:
+    with _process_lock, open(directory / STATE_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = load_state(root)
         state[section][key] = record
@@ -89,3 +92,25 @@ def record_image(root: Path, snapshot_id: str, *, status: str, error: str | None
     if not _STATUS_WORD.fullmatch(status):
         raise UsageError(f"image status must be a short lower-case word like 'merged' or 'error', not {status!r}")
     _update(root, "images", snapshot_id, {"status": status, "error": _one_line(error), "time": time.time()})
+
+
+class StateRecorder:
+    """Records outcomes from the daemon's event loop: the file is written in a worker thread,
+    and a failure to write it is logged, never fatal (state.json is a diagnostic aid)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def layer(self, layer_hex: str, *, status: str, error: str | None = None, snapshot_id: str | None = None) -> None:
+        await self._write(record_layer, layer_hex, status=status, error=error, snapshot_id=snapshot_id)
+
+    async def image(self, snapshot_id: str, *, status: str, error: str | None = None) -> None:
+        await self._write(record_image, snapshot_id, status=status, error=error)
+
+    async def _write(self, recorder: Callable[..., None], *args: object, **kwargs: object) -> None:
+        import trio  # the daemon's loop; `stargzfs status` reads state without loading trio
+
+        try:
+            await trio.to_thread.run_sync(functools.partial(recorder, self.root, *args, **kwargs))
+        except (OSError, StargzfsError) as exc:
+            log.warning("cannot record state: %s", exc)

@@ -1,0 +1,139 @@
+"""What a stargzfs mount of a snapshotter root shows (the Provider behind MNT/), and dispatch.
+
+MNT/<id>/ is ROOT/snapshots/<id>/fs/ for every snapshot in ROOT/metadata.db whose `fs`
+dir exists. In an eStargz candidate's dir, `<hex>` (its layer bootstrap) and `image.boot`
+(its chain merged) are listed before they exist; the FUSE layer calls `materialize` on
+their first stat or open, which hands them to the layer converter or the image composer.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from stargzfs.conversion.builder import detect_builder
+from stargzfs.conversion.gate import ConversionGate
+from stargzfs.conversion.image import ImageComposer
+from stargzfs.conversion.layer import LayerConverter
+from stargzfs.conversion.rootdirs import RootDirs
+from stargzfs.conversion.state import StateRecorder
+from stargzfs.conversion.table import LiveTable
+from stargzfs.errors import UsageError
+from stargzfs.fuse.provider import ChangeNotifier
+from stargzfs.registry import CredentialCache, RegistryClient, RegistryConfig
+from stargzfs.settings import MountSettings
+from stargzfs.snapshots import layout
+from stargzfs.snapshots.store import LayerCandidate
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotRootProvider:
+    """Provider for a nydus-snapshotter root (see stargzfs.fuse.provider.Provider)."""
+
+    def __init__(self, settings: MountSettings) -> None:
+        self.settings = settings
+        self.root = settings.root
+        db = settings.metadata_db
+        if not db.is_file():
+            raise UsageError(f"{self.root} is not a snapshotter root: {db.name} is missing")
+        self.table = LiveTable(db)
+        builder = detect_builder(settings.nydus_image)  # a bad --nydus-image fails the mount
+        self.dirs = RootDirs(self.root, settings.effective_cache_dir, fscache=settings.fs_driver == "fscache")
+        recorder = StateRecorder(self.root)
+        slots = trio.CapacityLimiter(settings.max_builders)
+        self._client: RegistryClient | None = None
+        self._notifier: ChangeNotifier | None = None
+        self.layers = LayerConverter(
+            dirs=self.dirs, table=self.table, gate=self._gate(), recorder=recorder, builder=builder,
+            builder_slots=slots, registry=self._registry, credentials=CredentialCache(), changed=self._changed,
+        )
+        self.images = ImageComposer(
+            dirs=self.dirs, table=self.table, gate=self._gate(), recorder=recorder, builder=builder,
+            builder_slots=slots, layers=self.layers, changed=self._changed,
+        )
+        candidates = [s.id for s in self.table.cached().all() if s.candidate is not None]
+        self._startup_notes = self.dirs.sweep_temps(candidates)
+
+    @property
+    def conversions(self) -> int:
+        return self.layers.conversions
+
+    def _gate(self) -> ConversionGate:
+        return ConversionGate(self.settings.retry_backoff, self.settings.retry_backoff_max)
+
+    def bind_notifier(self, notifier: ChangeNotifier) -> None:
+        """The mount's cache invalidation; set once it talks to the kernel."""
+        self._notifier = notifier
+        # The provider is built before the daemon configures logging (so a bad ROOT fails the
+        # `mount` command itself): what start-up did is logged now, once logging is set up.
+        for note in self._startup_notes:
+            log.info("%s", note)
+        self._startup_notes = []
+
+    def _changed(self, snapshot_id: str, *names: str) -> None:
+        """Files appeared in MNT/<snapshot_id>/: the kernel must not serve stale entries/attrs."""
+        if self._notifier is not None:
+            for name in names:
+                self._notifier.notify_changed(snapshot_id, name)
+
+    async def _registry(self) -> RegistryClient:
+        """One pooled client for the mount's lifetime, opened on the event loop at first use."""
+        if self._client is None:
+            settings = self.settings
+            client = RegistryClient(RegistryConfig(
+                insecure_hosts=tuple(settings.insecure_registries),
+                timeout=settings.registry_timeout,
+                retries=settings.registry_retries,
+                auth_timeout=settings.auth_timeout,
+            ))
+            self._client = client
+            await client.__aenter__()
+        return self._client
+
+    # ----------------------------------------------------------------- Provider interface
+    def top_dirs(self) -> Mapping[str, Path]:
+        tops: dict[str, Path] = {}
+        for snapshot in self.table.cached().all():
+            fs_dir = layout.fs_dir(self.root, snapshot.id)
+            try:
+                if stat.S_ISDIR(os.lstat(fs_dir).st_mode):
+                    tops[snapshot.id] = fs_dir
+            except OSError:
+                continue
+        return tops
+
+    def _candidate(self, top: str) -> LayerCandidate | None:
+        snapshot = self.table.cached().by_id(top)
+        return snapshot.candidate if snapshot is not None else None
+
+    def virtual_names(self, top: str) -> Sequence[str]:
+        candidate = self._candidate(top)
+        if candidate is None or self.layers.refusal(candidate) is not None:
+            return ()
+        bootstrap = layout.bootstrap_name(candidate.layer_hex)
+        if self.images.refusal(top) is not None:
+            return (bootstrap,)
+        return (bootstrap, layout.IMAGE_BOOT)
+
+    def is_hidden(self, top: str, name: str) -> bool:
+        """Temps are hidden only where this mount writes them: other dirs are the user's."""
+        return layout.is_temp_name(name) and self._candidate(top) is not None
+
+    async def materialize(self, top: str, name: str) -> None:
+        snapshot = (await self.table.fresh()).by_id(top)
+        candidate = snapshot.candidate if snapshot is not None else None
+        if snapshot is None or candidate is None:
+            raise OSError(errno.ENOENT, f"{top} is not an eStargz candidate")
+        if name == layout.bootstrap_name(candidate.layer_hex):
+            await self.layers.ensure(candidate)
+        elif name == layout.IMAGE_BOOT:
+            await self.images.ensure(snapshot)
+        else:
+            raise OSError(errno.ENOENT, f"{top}/{name} is not produced by this mount")
