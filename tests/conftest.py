@@ -1,14 +1,11 @@
-"""Test-wide settings. Fixtures live in tests/support/*.py, each loaded as a pytest plugin."""
+"""Test-wide settings. Fixtures live in tests/support/*.py, each loaded as a pytest plugin
+(paths shared by tests and fixtures are in tests/support/paths.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-SHARED = REPO.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "nydus-v2.1.6-stargz"
-
 pytest_plugins = sorted(
-    f"support.{path.stem}" for path in (TESTS / "support").glob("*.py") if path.stem != "__init__"
+    f"support.{path.stem}" for path in (Path(__file__).resolve().parent / "support").glob("*.py")
+    if path.stem not in ("__init__", "paths")
 )

@@ -47,14 +47,7 @@ from support.snapshot_root import (
     status,
     write_root,
 )
-from support.stacks import stacked_image, stacked_layers, stacked_overlay_lowers
-
-
-def eight_layers() -> list[list[FileSpec]]:
-    return [
-        [FileSpec(f"layer{index}", kind="dir"), FileSpec(f"layer{index}/file.txt", data=f"layer {index}\n".encode() * 50)]
-        for index in range(8)
-    ]
+from support.stacks import eight_layers, stacked_image, stacked_layers, stacked_overlay_lowers
 
 
 @dataclass

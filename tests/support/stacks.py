@@ -112,6 +112,14 @@ def stacked_layers() -> list[list[FileSpec]]:
     return [base, layer1, layer2, data_free]
 
 
+def eight_layers() -> list[list[FileSpec]]:
+    """Eight one-file layers: digests the e2e and conversion tests give chains of their own."""
+    return [
+        [FileSpec(f"layer{index}", kind="dir"), FileSpec(f"layer{index}/file.txt", data=f"layer {index}\n".encode() * 50)]
+        for index in range(8)
+    ]
+
+
 def stacked_image(
     image_cache: ImageCache, containerd: Containerd, registry: RegistryProcess, compression: str
 ) -> PushedImage:

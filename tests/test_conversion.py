@@ -1,0 +1,181 @@
+"""The conversion package through its provider seam, in process: no FUSE, everything else real.
+
+A real loopback docker-registry serves ctr-remote eStargz images, metadata.db comes from
+containerd's own storage code, the builder is the real `stargzfs-image` subprocess. What the
+mount does on a stat/open is `provider.materialize(top, name)`; these tests call it directly,
+so the glue's decisions (single flight, copies, refusals, backoff, state) run in seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from stargzfs.conversion import state
+from stargzfs.conversion.provider import SnapshotRootProvider
+from stargzfs.rafs.reader import read_bootstrap
+from stargzfs.settings import MountSettings
+from stargzfs.snapshots import layout
+from support.images import PushedImage, build_image
+from support.registry import RegistryProcess
+from support.snapshot_root import ChainLayer, SnapshotRoot, hex_of, image_chain, write_root
+from support.stacks import eight_layers, stacked_image
+
+
+@pytest.fixture(scope="module")
+def images(containerd, registry, image_cache) -> dict[str, PushedImage]:  # type: ignore[no-untyped-def]
+    return {
+        "gzip": stacked_image(image_cache, containerd, registry, "gzip"),
+        "zstd": stacked_image(image_cache, containerd, registry, "zstd"),
+        "plain": image_cache.get(
+            ("test_pipeline_e2e", "plain"),
+            lambda: build_image(containerd, registry, "pipeline-e2e/plain", eight_layers()[:1], compression="plain"),
+        ),
+    }
+
+
+@pytest.fixture
+def make_provider(snapdb, tmp_path: Path) -> Iterator[Callable[..., tuple[SnapshotRoot, SnapshotRootProvider]]]:  # type: ignore[no-untyped-def]
+    made: list[SnapshotRootProvider] = []
+
+    def make(chains: dict[str, list[ChainLayer]], **settings: object) -> tuple[SnapshotRoot, SnapshotRootProvider]:
+        root = SnapshotRoot(tmp_path / "root", write_root(snapdb, tmp_path / "root", chains))
+        provider = SnapshotRootProvider(MountSettings(root=root.root, mountpoint=tmp_path / "mnt", **settings))
+        made.append(provider)
+        return root, provider
+
+    yield make
+    for provider in made:
+        provider.dirs.close()
+
+
+async def test_layer_converts_once_with_two_requests_then_answers_from_disk(
+    images, make_provider, registry: RegistryProcess
+) -> None:
+    image = images["gzip"]
+    root, provider = make_provider({"gz": image_chain(image)[:1]})
+    layer = image.layers[0]
+    digest_hex = hex_of(layer.digest)
+    mark = registry.mark()
+    await provider.materialize(root.sid("gz"), digest_hex)
+    fs = root.fs("gz")
+    assert (fs / digest_hex).stat().st_mode & 0o777 == 0o440
+    assert (fs / layout.TOC_FILE).is_file()
+    assert (root.root / "cache" / layout.blob_meta_name(digest_hex)).is_file()
+    assert [blob.blob_id for blob in read_bootstrap((fs / digest_hex).read_bytes()).blobs] == [digest_hex]
+    assert 1 <= len(registry.requests_for(layer.digest, since=mark)) <= 2
+    mark = registry.mark()
+    await provider.materialize(root.sid("gz"), digest_hex)
+    assert registry.requests_for(layer.digest, since=mark) == [] and provider.conversions == 1
+    assert state.load_state(root.root)["layers"][digest_hex]["status"] == "converted"
+
+
+async def test_concurrent_requests_for_one_digest_in_three_chains_fetch_and_build_once(
+    images, make_provider, registry: RegistryProcess
+) -> None:
+    one = image_chain(images["zstd"])[1:2]
+    root, provider = make_provider({"a": one, "b": one, "c": one})
+    digest_hex = hex_of(one[0].digest)
+    mark = registry.mark()
+    async with trio.open_nursery() as nursery:
+        for chain in "abc":
+            for _ in range(4):
+                nursery.start_soon(provider.materialize, root.sid(chain), digest_hex)
+    assert provider.conversions == 1
+    assert 1 <= len(registry.requests_for(one[0].digest, since=mark)) <= 2
+    bootstraps = {(root.fs(chain) / digest_hex).read_bytes() for chain in "abc"}
+    assert len(bootstraps) == 1  # the other snapshots got copies of the one build
+
+
+async def test_image_boot_converts_the_chain_and_merges_it_base_first(images, make_provider) -> None:
+    chain = image_chain(images["gzip"])
+    root, provider = make_provider({"gz": chain})
+    top = root.sid("gz", len(chain) - 1)
+    assert provider.virtual_names(top) == (hex_of(chain[-1].digest), layout.IMAGE_BOOT)
+    await provider.materialize(top, layout.IMAGE_BOOT)
+    merged = read_bootstrap((root.fs("gz", len(chain) - 1) / layout.IMAGE_BOOT).read_bytes())
+    with_data = []  # a layer of only dirs and whiteouts has no blob
+    for index, layer in enumerate(chain):
+        own = read_bootstrap((root.fs("gz", index) / hex_of(layer.digest)).read_bytes())
+        with_data += [blob.blob_id for blob in own.blobs]
+    assert [blob.blob_id for blob in merged.blobs] == with_data and len(with_data) == len(chain) - 1
+    assert state.load_state(root.root)["images"][top]["status"] == "merged"
+
+
+async def test_plain_layer_is_enoent_remembered_and_hides_its_names(
+    images, make_provider, registry: RegistryProcess
+) -> None:
+    plain = image_chain(images["plain"])
+    root, provider = make_provider({"p": plain})
+    sid, digest_hex = root.sid("p"), hex_of(plain[0].digest)
+    with pytest.raises(OSError) as first:
+        await provider.materialize(sid, digest_hex)
+    assert first.value.errno == errno.ENOENT and "not eStargz" in str(first.value)
+    assert provider.virtual_names(sid) == ()
+    mark = registry.mark()
+    for name in (digest_hex, layout.IMAGE_BOOT):
+        with pytest.raises(OSError) as again:
+            await provider.materialize(sid, name)
+        assert again.value.errno == errno.ENOENT
+    assert registry.requests_for(plain[0].digest, since=mark) == []
+    assert state.load_state(root.root)["layers"][digest_hex]["status"] == "not-estargz"
+
+
+async def test_unreachable_registry_is_eio_then_backs_off(images, make_provider) -> None:
+    layer = images["gzip"].layers[0]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        host = f"127.0.0.1:{server.getsockname()[1]}"
+        server.setblocking(False)
+        chain = [ChainLayer(f"{host}/nowhere/img:1", layer.digest, layer.toc_digest)]
+        root, provider = make_provider(
+            {"down": chain}, registry_timeout=0.3, registry_retries=0, retry_backoff=30.0
+        )
+        sid, digest_hex = root.sid("down"), hex_of(layer.digest)
+        with pytest.raises(OSError) as first:
+            await provider.materialize(sid, digest_hex)
+        assert first.value.errno == errno.EIO and "no answer within 0.3s" in str(first.value)
+        accepted = _drain(server)
+        with pytest.raises(OSError) as second:
+            await provider.materialize(sid, digest_hex)
+        assert second.value.errno == errno.EIO
+        assert accepted >= 1 and _drain(server) == 0  # backing off: no new connection
+    recorded = state.load_state(root.root)["layers"][digest_hex]
+    assert recorded["status"] == "error" and "no answer" in recorded["error"]
+
+
+async def test_stale_temps_are_swept_only_in_candidate_dirs(images, make_provider, snapdb, tmp_path: Path) -> None:
+    chain = image_chain(images["gzip"])[:1]
+    root_dir = tmp_path / "root"
+    write_root(snapdb, root_dir, {"gz": chain}, [{"op": "active", "key": "ctr", "parent": "sha256:gz-0", "labels": {}}])
+    ids = {row["name"]: row["id"] for row in snapdb.list(root_dir / "metadata.db")}
+    candidate_fs = layout.fs_dir(root_dir, ids["sha256:gz-0"])
+    container_fs = layout.fs_dir(root_dir, ids["ctr"])
+    for fs in (candidate_fs, container_fs):
+        (fs / "converting-stargz1234").write_text("left by a kill")
+        (fs / f".{hex_of(chain[0].digest)}.blob.meta.tmp-1-abcdef01").write_text("left by a kill")
+    provider = SnapshotRootProvider(MountSettings(root=root_dir, mountpoint=tmp_path / "mnt"))
+    try:
+        assert sorted(os.listdir(candidate_fs)) == []
+        assert len(os.listdir(container_fs)) == 2  # a container's writable layer is not ours
+        assert provider.is_hidden(ids["sha256:gz-0"], "converting-stargz99")
+        assert not provider.is_hidden(ids["ctr"], "converting-stargz99")
+    finally:
+        provider.dirs.close()
+
+
+def _drain(server: socket.socket) -> int:
+    """Accept (and close) every pending connection; how many there were."""
+    count = 0
+    while True:
+        try:
+            connection, _ = server.accept()
+        except BlockingIOError:
+            return count
+        connection.close()
+        count += 1
