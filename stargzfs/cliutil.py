@@ -69,6 +69,10 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except StargzfsError as exc:
         print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MemoryError:
+        # e.g. a builder under the mount's RLIMIT_AS given a TOC built to exhaust memory
+        print(f"{parser.prog} {args.command}: out of memory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -117,11 +118,16 @@ def listdir_at(dir_fd: int) -> list[str]:
         os.close(listing)
 
 
-def publish(dir_fd: int, temp: str, final: str, mode: int) -> bool:
+def publish(
+    dir_fd: int, temp: str, final: str, mode: int, *, final_dir_fd: int | None = None, keep_temp: bool = False
+) -> bool:
     """chmod the regular file `temp` to `mode`, fsync it, then move it to `final` unless that exists.
 
-    Returns False when `final` already existed (the temp is removed; the existing output wins).
+    `final` is in `final_dir_fd` when given (same filesystem), else beside `temp`. Returns
+    False when `final` already existed: the existing output wins and the temp is removed
+    (kept with `keep_temp`, for a caller that compares the two).
     """
+    target_fd = dir_fd if final_dir_fd is None else final_dir_fd
     fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -130,10 +136,49 @@ def publish(dir_fd: int, temp: str, final: str, mode: int) -> bool:
         os.fsync(fd)
     finally:
         os.close(fd)
-    if rename_noreplace(dir_fd, temp, dir_fd, final):
+    if rename_noreplace(dir_fd, temp, target_fd, final):
         return True
-    unlink_quietly(dir_fd, temp)
+    if not keep_temp:
+        unlink_quietly(dir_fd, temp)
     return False
+
+
+def sha256_at(dir_fd: int, name: str) -> str | None:
+    """`sha256:<hex>` of a regular file's bytes, None when there is no such file (blocking)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(name)
+        digest = hashlib.sha256()
+        while piece := os.read(fd, 1 << 20):
+            digest.update(piece)
+        return "sha256:" + digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def same_contents(dir_fd: int, name: str, other_dir_fd: int, other: str) -> bool:
+    """Whether two regular files hold the same bytes (read in 1 MiB steps; blocking)."""
+    fds = []
+    try:
+        for directory, entry in ((dir_fd, name), (other_dir_fd, other)):
+            fds.append(os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory))
+        if os.fstat(fds[0]).st_size != os.fstat(fds[1]).st_size:
+            return False
+        offset = 0
+        while True:
+            left, right = (os.pread(fd, 1 << 20, offset) for fd in fds)
+            if left != right:
+                return False
+            if not left:
+                return True
+            offset += len(left)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def write_file_at(dir_fd: int, name: str, data: bytes, *, mode: int, temp: str) -> None:
@@ -198,12 +243,41 @@ def _clone_or_copy(src_fd: int, dst_fd: int) -> None:
 
 
 def remove_matching(dir_fd: int, matches: Callable[[str], bool]) -> list[str]:
-    """Delete the non-directories whose names `matches` in one directory; returns their names."""
+    """Delete the entries whose names `matches` in one directory; returns their names.
+
+    A matching directory (a private temp dir of ours) loses its non-directory entries and
+    then itself; one that holds a subdirectory is not ours and stays.
+    """
     removed = []
     for name in listdir_at(dir_fd):
-        if matches(name):
-            info = lstat_at(dir_fd, name)
-            if info is not None and not stat.S_ISDIR(info.st_mode):
-                unlink_quietly(dir_fd, name)
-                removed.append(name)
+        if not matches(name):
+            continue
+        info = lstat_at(dir_fd, name)
+        if info is None:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            if not _remove_flat_dir(dir_fd, name):
+                continue
+        else:
+            unlink_quietly(dir_fd, name)
+        removed.append(name)
     return removed
+
+
+def _remove_flat_dir(dir_fd: int, name: str) -> bool:
+    try:
+        inner = open_dir_beneath(dir_fd, [name])
+    except OSError:
+        return False
+    try:
+        for entry in listdir_at(inner):
+            info = lstat_at(inner, entry)
+            if info is not None and not stat.S_ISDIR(info.st_mode):
+                unlink_quietly(inner, entry)
+    finally:
+        os.close(inner)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        return False
+    return True

@@ -19,6 +19,8 @@ a `[stargzfs]` table, whose keys are checked strictly.
 | insecure_registries  | `[stargzfs] insecure_registries` | `--insecure-registry`   | []                       |
 | fuse_options         | `[stargzfs] fuse_options`        | `-o OPT[,OPT]`          | []                       |
 | max_builders         | `[stargzfs] max_builders`        | -                       | CPU count                |
+| builder_memory_mib   | `[stargzfs] builder_memory_mib`  | -                       | 4096 (0: no limit)       |
+| builder_cpu_seconds  | `[stargzfs] builder_cpu_seconds` | -                       | 300 (0: no limit)        |
 | entry_timeout        | `[stargzfs] entry_timeout`       | -                       | 1.0 s                    |
 | attr_timeout         | `[stargzfs] attr_timeout`        | -                       | 1.0 s                    |
 | retry_backoff        | `[stargzfs] retry_backoff`       | -                       | 5.0 s (first retry wait) |
@@ -32,6 +34,10 @@ body (not the whole transfer, so large reads work on slow links); a request that
 times out, cannot connect or gets a 5xx is tried again up to registry_retries more times
 with a short doubling pause (0.2 s, 0.4 s, ...), so a lookup against a registry that never
 answers fails with EIO after about (registry_retries + 1) x registry_timeout.
+
+Each builder subprocess (which parses the untrusted TOC) runs under RLIMIT_AS =
+builder_memory_mib and RLIMIT_CPU = builder_cpu_seconds, so a hostile TOC can only fail
+its own conversion.
 
 An empty string for a snapshotter key means "unset" there, and so it does here.
 """
@@ -69,6 +75,8 @@ class MountSettings:
     log_file: Path | None = None
     fuse_options: tuple[str, ...] = ()
     max_builders: int = field(default_factory=lambda: os.cpu_count() or 1)
+    builder_memory_mib: int = 4096
+    builder_cpu_seconds: int = 300
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
     retry_backoff: float = 5.0
@@ -102,6 +110,9 @@ class MountSettings:
             raise UsageError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.max_builders < 1:
             raise UsageError(f"max_builders must be >= 1, not {self.max_builders}")
+        for name in ("builder_memory_mib", "builder_cpu_seconds"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0 (0: no limit), not {getattr(self, name)}")
         for name in ("entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, not {getattr(self, name)}")
@@ -123,13 +134,13 @@ _SNAPSHOTTER_KEYS: dict[tuple[str, ...], str] = {
 }
 _STARGZFS_KEYS = (
     "mountpoint", "foreground", "rw", "log_file", "insecure_registries", "fuse_options",
-    "max_builders", "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max",
+    "max_builders", "builder_memory_mib", "builder_cpu_seconds", "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max",
     "registry_timeout", "registry_retries", "auth_timeout",
 )
 _PATH_FIELDS = {"root", "mountpoint", "cache_dir", "nydus_image", "log_file"}
 _BOOL_FIELDS = {"foreground", "rw"}
 _LIST_FIELDS = {"insecure_registries", "fuse_options"}
-_INT_FIELDS = {"max_builders", "registry_retries"}
+_INT_FIELDS = {"max_builders", "builder_memory_mib", "builder_cpu_seconds", "registry_retries"}
 _FLOAT_FIELDS = {
     "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max", "registry_timeout", "auth_timeout",
 }

@@ -6,11 +6,13 @@ import fcntl
 import os
 import random
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.gohelper import Snapdb, image_chain_ops
+from support.paths import VENV_BIN
 
 from stargzfs.errors import FormatError, StargzfsError
 from stargzfs.snapshots import bolt
@@ -290,3 +292,33 @@ def test_fnv1a64_matches_reference_vectors() -> None:
     assert bolt.fnv1a64(b"") == 0xCBF29CE484222325
     assert bolt.fnv1a64(b"a") == 0xAF63DC4C8601EC8C
     assert bolt.fnv1a64(b"foobar") == 0x85944171F73967E8
+
+
+@pytest.mark.parametrize("overflow", [2**31, 2**32 - 1])
+def test_counts_no_file_could_hold_never_size_a_read(varied_db: Path, tmp_path: Path, overflow: int) -> None:
+    """Page counts come from the file: one that would size a read past any memory is refused
+    from the file size, before anything is allocated (MemoryError/OverflowError before)."""
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    _, visited = python_dump(varied_db)
+    leaf = max(visited)
+
+    def claim(data: bytearray) -> bytearray:
+        for page in (0, 1):  # a high-water mark to match, with valid checksums
+            base = page * page_size + bolt.PAGE_HEADER_SIZE
+            fields = list(bolt._META.unpack_from(data, base))
+            fields[7] = 2**62 // page_size
+            fields[9] = bolt.fnv1a64(bolt._META.pack(*fields)[:56])
+            bolt._META.pack_into(data, base, *fields)
+        struct.pack_into("<I", data, leaf * page_size + 12, overflow)  # the page's overflow count
+        return data
+
+    db = _copy(varied_db, tmp_path / "metadata.db", claim)
+    for live_attempts in (bolt.LIVE_WALK_ATTEMPTS, 0):  # the live walk, and the walk over a one-pread copy
+        try:
+            bolt.read_consistent(db, lambda tx: dump_bucket(tx.root()), live_attempts=live_attempts)
+        except FormatError as exc:
+            assert "truncated or corrupt" in str(exc)
+        else:
+            raise AssertionError("the corrupt overflow count was not noticed")
+    done = subprocess.run([str(VENV_BIN / "stargzfs"), "status", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 5 and "truncated or corrupt" in done.stderr and "Traceback" not in done.stderr

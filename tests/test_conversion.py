@@ -22,7 +22,8 @@ from stargzfs.conversion.provider import SnapshotRootProvider
 from stargzfs.rafs.reader import read_bootstrap
 from stargzfs.settings import MountSettings
 from stargzfs.snapshots import layout
-from support.images import PushedImage, build_image
+from support.crafted import crafted_layer, sha256
+from support.images import PushedImage, build_image, upload_blob
 from support.registry import RegistryProcess
 from support.snapshot_root import ChainLayer, SnapshotRoot, hex_of, image_chain, write_root
 from support.stacks import eight_layers, stacked_image
@@ -45,7 +46,8 @@ def make_provider(snapdb, tmp_path: Path) -> Iterator[Callable[..., tuple[Snapsh
     made: list[SnapshotRootProvider] = []
 
     def make(chains: dict[str, list[ChainLayer]], **settings: object) -> tuple[SnapshotRoot, SnapshotRootProvider]:
-        root = SnapshotRoot(tmp_path / "root", write_root(snapdb, tmp_path / "root", chains))
+        path = tmp_path / f"root{len(made)}"
+        root = SnapshotRoot(path, write_root(snapdb, path, chains))
         provider = SnapshotRootProvider(MountSettings(root=root.root, mountpoint=tmp_path / "mnt", **settings))
         made.append(provider)
         return root, provider
@@ -179,3 +181,140 @@ def _drain(server: socket.socket) -> int:
             return count
         connection.close()
         count += 1
+
+
+# ------------------------------------------------------------------ hostile registries, broken inputs
+def _two_registries_one_digest(registry: RegistryProcess, registry_factory) -> tuple[str, str, str, bytes, bytes]:  # type: ignore[no-untyped-def]
+    """(honest ref, hostile ref, digest, honest TOC, hostile TOC): both serve `digest`, with different TOCs.
+
+    The hostile registry is a real docker-registry whose stored blob was swapped after upload
+    (it never re-verifies what it serves), exactly what a compromised mirror can do.
+    """
+    honest_blob, honest_toc = crafted_layer({"etc/motd": b"honest\n" * 100})
+    hostile_blob, hostile_toc = crafted_layer({"etc/motd": b"HOSTILE\n" * 100, "bin/evil": b"x" * 5000})
+    digest = upload_blob(registry, "isolation/honest", honest_blob)
+    hostile = registry_factory()
+    assert upload_blob(hostile, "isolation/hostile", honest_blob) == digest
+    hostile.blob_path(digest).write_bytes(hostile_blob)
+    return (f"{registry.host}/isolation/honest:1", f"{hostile.host}/isolation/hostile:1", digest,
+            honest_toc, hostile_toc)
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["repository-keyed", "toc-label-keyed"])
+@pytest.mark.parametrize("fs_driver", ["fusedev", "fscache"])
+async def test_one_digest_two_tocs_never_share_outputs(
+    make_provider, registry: RegistryProcess, registry_factory, labels: bool, fs_driver: str
+) -> None:
+    honest_ref, hostile_ref, digest, honest_toc, hostile_toc = _two_registries_one_digest(registry, registry_factory)
+    honest = ChainLayer(honest_ref, digest, sha256(honest_toc) if labels else None)
+    hostile = ChainLayer(hostile_ref, digest, sha256(hostile_toc) if labels else None)
+    root, provider = make_provider({"honest": [honest], "hostile": [hostile]}, fs_driver=fs_driver)
+    digest_hex = hex_of(digest)
+    await provider.materialize(root.sid("honest"), digest_hex)
+    honest_bootstrap = (root.fs("honest") / digest_hex).read_bytes()
+    meta = (root.fs("honest") if fs_driver == "fscache" else root.root / "cache") / layout.blob_meta_name(digest_hex)
+    honest_meta = meta.read_bytes()
+    if fs_driver == "fusedev":
+        # one blob.meta per digest in the shared cache dir: the second TOC may not replace it
+        with pytest.raises(OSError) as refused:
+            await provider.materialize(root.sid("hostile"), digest_hex)
+        assert refused.value.errno == errno.EIO and "another TOC" in str(refused.value)
+        assert not (root.fs("hostile") / digest_hex).exists()
+    else:
+        await provider.materialize(root.sid("hostile"), digest_hex)
+        hostile_tree = read_bootstrap((root.fs("hostile") / digest_hex).read_bytes())
+        assert hostile_tree.lookup("bin/evil") is not None  # its own TOC, not the honest one
+        assert (root.fs("hostile") / layout.TOC_FILE).read_bytes() == hostile_toc
+    assert provider.conversions == (2 if fs_driver == "fscache" else 1)
+    # the honest image is exactly as it was, whatever the hostile one did
+    assert (root.fs("honest") / digest_hex).read_bytes() == honest_bootstrap and meta.read_bytes() == honest_meta
+    assert read_bootstrap(honest_bootstrap).lookup("bin/evil") is None
+
+
+async def test_a_label_naming_another_tocs_digest_fails_verification_but_may_copy_the_matching_one(
+    make_provider, registry: RegistryProcess, registry_factory
+) -> None:
+    honest_ref, hostile_ref, digest, honest_toc, _ = _two_registries_one_digest(registry, registry_factory)
+    label = sha256(honest_toc)
+    digest_hex = hex_of(digest)
+    root, provider = make_provider({"liar": [ChainLayer(hostile_ref, digest, label)]})
+    with pytest.raises(OSError) as mismatch:  # the hostile registry's TOC is not what the label says
+        await provider.materialize(root.sid("liar"), digest_hex)
+    assert mismatch.value.errno == errno.EIO and "TOC digest mismatch" in str(mismatch.value)
+    assert os.listdir(root.fs("liar")) == []
+
+
+async def test_an_existing_bootstrap_from_another_toc_is_caught_after_a_restart(
+    make_provider, registry: RegistryProcess, registry_factory
+) -> None:
+    honest_ref, _, digest, honest_toc, hostile_toc = _two_registries_one_digest(registry, registry_factory)
+    digest_hex = hex_of(digest)
+    root, provider = make_provider({"honest": [ChainLayer(honest_ref, digest, sha256(honest_toc))]})
+    # what an earlier, unchecked run could have left: outputs built from the other TOC
+    (root.fs("honest") / layout.TOC_FILE).write_bytes(hostile_toc)
+    (root.fs("honest") / digest_hex).write_bytes(b"\0" * 4096)
+    with pytest.raises(OSError) as caught:
+        await provider.materialize(root.sid("honest"), digest_hex)
+    assert caught.value.errno == errno.EIO and f"was built from TOC {sha256(hostile_toc)}" in str(caught.value)
+
+
+async def test_a_malformed_toc_is_eio_remembered_and_never_fetched_again(
+    make_provider, registry: RegistryProcess
+) -> None:
+    blob, _ = crafted_layer(extra_entries=[{"name": "link", "type": "hardlink", "linkName": "missing"}])
+    digest = upload_blob(registry, "broken/toc", blob)
+    root, provider = make_provider({"bad": [ChainLayer(f"{registry.host}/broken/toc:1", digest)]},
+                                   retry_backoff=0.01, retry_backoff_max=0.01)
+    sid, digest_hex = root.sid("bad"), hex_of(digest)
+    mark = registry.mark()
+    for _ in range(3):
+        with pytest.raises(OSError) as failed:
+            await provider.materialize(sid, digest_hex)
+        assert failed.value.errno == errno.EIO and "malformed eStargz layer" in str(failed.value)
+        await trio.sleep(0.05)  # well past the backoff: a retry would fetch again
+    assert len(registry.requests_for(digest, since=mark)) == 1
+    assert provider.virtual_names(sid) == (digest_hex, layout.IMAGE_BOOT)  # offered: stat says why
+    recorded = state.load_state(root.root)["layers"][digest_hex]
+    assert recorded["status"] == "error" and "does not exist" in recorded["error"]
+    assert os.listdir(root.fs("bad")) == []
+
+
+async def test_any_unexpected_failure_is_eio_recorded_and_backed_off(
+    images, make_provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: a bug in our own code (simulated) must not escape or refetch per lookup."""
+    import stargzfs.conversion.layer as layer_module
+
+    calls = 0
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        raise RecursionError("maximum recursion depth exceeded (simulated)")
+
+    monkeypatch.setattr(layer_module, "fetch_toc", broken)
+    chain = image_chain(images["gzip"])[:1]
+    root, provider = make_provider({"gz": chain}, retry_backoff=30.0)
+    sid, digest_hex = root.sid("gz"), hex_of(chain[0].digest)
+    for _ in range(3):
+        with pytest.raises(OSError) as failed:
+            await provider.materialize(sid, digest_hex)
+        assert failed.value.errno == errno.EIO and "unexpected RecursionError" in str(failed.value)
+    assert calls == 1
+    assert "unexpected RecursionError" in state.load_state(root.root)["layers"][digest_hex]["error"]
+
+
+async def test_the_builder_runs_under_the_memory_limit(make_provider, registry: RegistryProcess) -> None:
+    """A TOC that needs more memory than the builder may use fails its own conversion only."""
+    many = [{"name": f"d/f{index:06d}", "type": "reg", "mode": 0o644} for index in range(300_000)]
+    blob, _ = crafted_layer(extra_entries=many)
+    digest = upload_blob(registry, "limits/big", blob)
+    chain = [ChainLayer(f"{registry.host}/limits/big:1", digest)]
+    root, provider = make_provider({"big": chain}, builder_memory_mib=64, builder_cpu_seconds=120)
+    wrapped = provider.layers.builder.wrap(["stargzfs-image", "create"])
+    assert f"--as={64 << 20}" in wrapped and "--cpu=120" in wrapped and wrapped[-2:] == ["stargzfs-image", "create"]
+    with pytest.raises(OSError) as failed:
+        await provider.materialize(root.sid("big"), hex_of(digest))
+    assert failed.value.errno == errno.EIO and "out of memory" in str(failed.value)
+    roomy_root, roomy = make_provider({"big": chain})
+    await roomy.materialize(roomy_root.sid("big"), hex_of(digest))  # the default limit is enough

@@ -83,11 +83,19 @@ def test_backoff_doubles_up_to_the_maximum_and_success_resets_it() -> None:
     gate.check("other")  # keys are independent
 
 
+def test_refusal_keeps_its_errno() -> None:
+    gate = ConversionGate(5.0, 12.0, clock=Clock())
+    gate.refuse("k", "malformed TOC", errno.EIO)
+    with pytest.raises(OSError) as refused:
+        gate.check("k")
+    assert (refused.value.errno, refused.value.strerror) == (errno.EIO, "malformed TOC")
+
+
 def test_refusal_is_remembered_as_enoent_and_clears_a_backoff() -> None:
     gate = ConversionGate(5.0, 12.0, clock=Clock())
     gate.failed("k", "flaky")
     gate.refuse("k", "not eStargz: plain layer")
-    assert gate.refusal("k") == "not eStargz: plain layer"
+    assert gate.refusal("k") == (errno.ENOENT, "not eStargz: plain layer")
     with pytest.raises(OSError) as refused:
         gate.check("k")
     assert refused.value.errno == errno.ENOENT and "plain layer" in str(refused.value)

@@ -91,6 +91,10 @@ def test_fixture_blob_to_cache_file(lower: tuple[Toc, Path], tmp_path: Path, cap
             assert "sha256:" + hashlib.sha256(content).hexdigest() == entry.digest
     assert "16 chunks (8 verified)" in capsys.readouterr().out
     assert_nothing_written(tmp_path, {"lower.blob.meta", "lower.dev"})
+    assert dev.stat().st_mode & 0o777 == 0o600  # the layer's data, uncompressed: private by default
+    shared = tmp_path / "shared.dev"
+    assert run_materialize("--blob-meta", meta, "--blob", LOWER_BLOB, "-o", shared, "--mode", "0644") == 0
+    assert shared.stat().st_mode & 0o777 == 0o644 and shared.read_bytes() == data
 
 
 def test_duplicate_hardlink_entries_and_detection(lower: tuple[Toc, Path], tmp_path: Path) -> None:
@@ -267,7 +271,7 @@ def test_registry_timeout_and_retries_flags(
 
 
 @pytest.mark.parametrize("flag, value", [("--registry-timeout", "0"), ("--registry-timeout", "x"),
-                                         ("--registry-retries", "-1")])
+                                         ("--registry-retries", "-1"), ("--mode", "0999"), ("--mode", "01000")])
 def test_bad_registry_flags_exit_2(flag: str, value: str, lower: tuple[Toc, Path], tmp_path: Path) -> None:
     _, meta = lower
     with pytest.raises(SystemExit) as exited:

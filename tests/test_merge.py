@@ -16,7 +16,7 @@ import pytest
 
 from stargzfs import image_cli
 from stargzfs.atomicio import OutputError
-from stargzfs.errors import FormatError, StargzfsError, UnsupportedError, UsageError
+from stargzfs.errors import FormatError, UnsupportedError, UsageError
 from stargzfs.estargz.toc import parse_toc
 from stargzfs.rafs.build import build_bootstrap
 from stargzfs.rafs.check import check_bootstrap
@@ -249,7 +249,7 @@ def test_cli_rejects_unreadable_and_corrupt_sources(tmp_path: Path, capsys: pyte
     good = write_layer(tmp_path, "good", [entry("f", data=3)])
     out = tmp_path / "out.boot"
     missing = tmp_path / layer_id("missing")
-    assert_fails_cleanly(capsys, out, [good, missing], StargzfsError.exit_code, "cannot read", layer_id("missing"))
+    assert_fails_cleanly(capsys, out, [good, missing], UsageError.exit_code, "cannot read", layer_id("missing"))
     garbage = tmp_path / layer_id("garbage")
     garbage.write_bytes(b"\x17" * 8192)
     assert_fails_cleanly(capsys, out, [good, garbage], FormatError.exit_code, "corrupt", layer_id("garbage"))

@@ -13,10 +13,11 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
@@ -32,7 +33,8 @@ _VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
 _MAX_ERROR_OUTPUT = 400
 #: stargzfs-image's documented exit codes (stargzfs/errors.py) for input it will never accept:
 #: retrying the same TOC cannot help, so these mean "not convertible", not "try again".
-PERMANENT_STATUSES = (FormatError.exit_code, UnsupportedError.exit_code)
+MALFORMED_STATUS = FormatError.exit_code
+UNSUPPORTED_STATUS = UnsupportedError.exit_code
 
 
 class BuilderFailed(ConversionError):
@@ -54,6 +56,8 @@ class Builder:
     command: tuple[str, ...]
     flavour: str
     version: str
+    memory_limit: int = 0  # bytes of address space (RLIMIT_AS); 0: no limit
+    cpu_limit: int = 0  # seconds of CPU time (RLIMIT_CPU); 0: no limit
 
     @property
     def name(self) -> str:
@@ -65,7 +69,7 @@ class Builder:
 
     def rejected_for_good(self, failure: BuilderFailed) -> bool:
         """Whether the builder said the TOC itself is unusable (then retrying cannot help)."""
-        return self.flavour == "stargzfs" and failure.status in PERMANENT_STATUSES
+        return self.flavour == "stargzfs" and failure.status in (MALFORMED_STATUS, UNSUPPORTED_STATUS)
 
     def create_argv(
         self, *, bootstrap: str, blob_id: str, blob_meta: str, toc: str, codec: Codec, blob_data_size: int
@@ -84,6 +88,35 @@ class Builder:
 
     def merge_argv(self, *, bootstrap: str, sources: Sequence[str]) -> list[str]:
         return [*self.command, "merge", "--bootstrap", bootstrap, *sources]
+
+    def limited(self, *, memory_mib: int, cpu_seconds: int) -> "Builder":
+        """This builder under resource limits (the input it parses is untrusted)."""
+        return replace(self, memory_limit=memory_mib << 20, cpu_limit=cpu_seconds)
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """The full command line: die with the daemon, and stay within the limits.
+
+        `setpriv --pdeathsig KILL`: a builder must not outlive a killed daemon and write late
+        temps; `prlimit`: RLIMIT_AS/RLIMIT_CPU, set in the child, so a TOC built to exhaust
+        memory or time fails its own conversion, not the daemon or the machine.
+        """
+        limits = []
+        if self.memory_limit:
+            limits.append(f"--as={self.memory_limit}")
+        if self.cpu_limit:
+            limits.append(f"--cpu={self.cpu_limit}")
+        prefix = list(_DEATH_SIGNAL)
+        if limits and _PRLIMIT:
+            prefix += [_PRLIMIT, *limits, "--"]
+        return [*prefix, *argv]
+
+    def describe_exit(self, status: int) -> str:
+        """Why a builder stopped, in words (a limit hit is named as such)."""
+        if status == -signal.SIGXCPU:
+            return f"hit its CPU limit of {self.cpu_limit} s"
+        if status < 0:
+            return f"was killed by {signal.Signals(-status).name}"
+        return f"exited with status {status}"
 
 
 def bundled_builder() -> Builder:
@@ -125,16 +158,12 @@ def detect_builder(nydus_image: Path | None) -> Builder:
     return Builder((found,), flavour, version)
 
 
-def _death_signal_prefix() -> tuple[str, ...]:
-    """`setpriv --pdeathsig KILL`: a builder must not outlive a killed daemon and write late temps."""
-    setpriv = shutil.which("setpriv")
-    return (setpriv, "--pdeathsig", "KILL", "--") if setpriv else ()
+_SETPRIV = shutil.which("setpriv")
+_DEATH_SIGNAL: tuple[str, ...] = (_SETPRIV, "--pdeathsig", "KILL", "--") if _SETPRIV else ()
+_PRLIMIT = shutil.which("prlimit")
 
 
-_PREFIX = _death_signal_prefix()
-
-
-async def run_builder(argv: Sequence[str], pass_fds: Sequence[int], what: str) -> None:
+async def run_builder(builder: Builder, argv: Sequence[str], pass_fds: Sequence[int], what: str) -> None:
     """Run one builder process; BuilderFailed with its last output line on failure.
 
     Popen runs in the trio thread on purpose: PR_SET_PDEATHSIG fires when the *thread*
@@ -143,7 +172,7 @@ async def run_builder(argv: Sequence[str], pass_fds: Sequence[int], what: str) -
     log.debug("running %s", " ".join(argv))
     try:
         process = subprocess.Popen(
-            [*_PREFIX, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            builder.wrap(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             pass_fds=tuple(pass_fds), close_fds=True,
         )
     except OSError as exc:
@@ -157,7 +186,7 @@ async def run_builder(argv: Sequence[str], pass_fds: Sequence[int], what: str) -
         lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
         last = lines[-1].strip()[:_MAX_ERROR_OUTPUT] if lines else "(no output)"
         raise BuilderFailed(
-            f"{what}: {Path(argv[0]).name} exited with status {process.returncode}: {last}",
+            f"{what}: {Path(argv[0]).name} {builder.describe_exit(process.returncode)}: {last}",
             status=process.returncode, last_line=last,
         )
     if output.strip():

@@ -37,21 +37,21 @@ class ConversionGate:
         self._clock = clock
         self._flights: dict[Hashable, _Flight] = {}
         self._failures: dict[Hashable, _Failure] = {}
-        self._refused: dict[Hashable, str] = {}
+        self._refused: dict[Hashable, tuple[int, str]] = {}
 
-    def refusal(self, key: Hashable) -> str | None:
-        """Why `key` will never convert, if it was refused."""
+    def refusal(self, key: Hashable) -> tuple[int, str] | None:
+        """(errno, why) when `key` was refused for good."""
         return self._refused.get(key)
 
-    def refuse(self, key: Hashable, reason: str) -> None:
-        self._refused[key] = reason
+    def refuse(self, key: Hashable, reason: str, code: int = errno.ENOENT) -> None:
+        self._refused[key] = (code, reason)
         self._failures.pop(key, None)
 
     def check(self, key: Hashable) -> None:
-        """OSError ENOENT for a refused key, EIO while a failure's backoff lasts."""
-        reason = self._refused.get(key)
-        if reason is not None:
-            raise OSError(errno.ENOENT, reason)
+        """OSError with the refusal's errno for a refused key, EIO while a failure's backoff lasts."""
+        refused = self._refused.get(key)
+        if refused is not None:
+            raise OSError(*refused)
         failure = self._failures.get(key)
         if failure is not None and self._clock() < failure.retry_at:
             raise OSError(errno.EIO, failure.message)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,10 @@ async def compose_image(
     """Write image.boot (0440) into the top fs dir; False when it already existed."""
     if not layers_base_first:
         raise ConversionError("no layers to merge")
-    if lstat_at(top_fs_fd, layout.IMAGE_BOOT) is not None:
+    existing = lstat_at(top_fs_fd, layout.IMAGE_BOOT)
+    if existing is not None:
+        if not stat.S_ISREG(existing.st_mode):
+            raise ConversionError(f"{layout.IMAGE_BOOT} exists but is not a regular file")
         return False
     for layer in layers_base_first:
         if not is_regular_at(layer.fs_dir_fd, layout.bootstrap_name(layer.layer_hex)):
@@ -82,7 +86,7 @@ async def compose_image(
     fds = {top_fs_fd, *(layer.fs_dir_fd for layer in layers_base_first)}
     try:
         async with builder_slots:
-            await run_builder(argv, sorted(fds), f"merging {len(layers_base_first)} layers")
+            await run_builder(builder, argv, sorted(fds), f"merging {len(layers_base_first)} layers")
         if lstat_at(top_fs_fd, temp) is None:
             raise ConversionError(f"{builder.name} merge wrote no bootstrap")
         return await trio.to_thread.run_sync(publish, top_fs_fd, temp, layout.IMAGE_BOOT, layout.OUTPUT_MODE)
@@ -114,12 +118,22 @@ class ImageComposer:
         self.layers = layers
         self.changed = changed
 
-    def refusal(self, snapshot_id: str) -> str | None:
+    def refusal(self, snapshot_id: str) -> tuple[int, str] | None:
         return self.gate.refusal(snapshot_id)
 
     async def ensure(self, snapshot: Snapshot) -> None:
         """image.boot in the snapshot's fs dir, or OSError ENOENT (not all eStargz) / EIO."""
-        await self.gate.run(snapshot.id, lambda: self._compose(snapshot))
+        await self.gate.run(snapshot.id, lambda: self._guarded(snapshot))
+
+    async def _guarded(self, snapshot: Snapshot) -> None:
+        """Anything but an OSError answer is a failed merge like any other (see LayerConverter)."""
+        try:
+            await self._compose(snapshot)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("snapshot %s: unexpected failure building image.boot", snapshot.id)
+            raise await self._failed(snapshot, f"unexpected {type(exc).__name__}: {exc}", backoff=True) from None
 
     async def _not_estargz(self, snapshot: Snapshot, reason: str) -> OSError:
         self.gate.refuse(snapshot.id, reason)
@@ -173,9 +187,11 @@ class ImageComposer:
         candidates: list[LayerCandidate] = []
         for layer in chain:
             candidate = layer.candidate
-            why = candidate_reason(layer) if candidate is None else self.layers.refusal(candidate)
-            if why is not None:
-                raise await self._not_estargz(snapshot, f"layer snapshot {layer.id}: {why}")
+            if candidate is None:
+                raise await self._not_estargz(snapshot, f"layer snapshot {layer.id}: {candidate_reason(layer)}")
+            refused = self.layers.refusal(candidate)
+            if refused is not None and refused[0] == errno.ENOENT:
+                raise await self._not_estargz(snapshot, f"layer snapshot {layer.id}: {refused[1]}")
             candidates.append(candidate)
         outcomes: dict[str, OSError] = {}
 

@@ -1,9 +1,12 @@
 """One layer: detect -> TOC -> `stargz.index.json` -> builder -> `<hex>` in its snapshot's fs dir.
 
-A layer digest is converted once: the same layer in another chain gets copies of the
-outputs (reflink where the filesystem can) instead of a second fetch and build. Outputs
+A layer is converted once per `LayerKey`: its digest and where its TOC comes from (the
+snapshot's toc.digest label, else its registry repository), because a digest alone proves
+nothing about the TOC a registry serves for it: two images naming one digest with different
+TOCs must never get each other's bootstrap. Other snapshots with the same key get copies of
+the outputs (reflink where the filesystem can) instead of a second fetch and build. Outputs
 appear atomically (temp + rename without replacing, `<hex>` last since it means "done")
-and are 0440 before they become visible.
+and are 0440 before they become visible; a blob.meta another TOC built is never replaced.
 """
 
 from __future__ import annotations
@@ -14,21 +17,22 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
-from stargzfs.conversion.builder import Builder, BuilderFailed, run_builder
+from stargzfs.conversion.builder import MALFORMED_STATUS, Builder, BuilderFailed, run_builder
 from stargzfs.conversion.errors import ConversionError, NotConvertible
 from stargzfs.conversion.gate import ConversionGate
 from stargzfs.conversion.rootdirs import RootDirs
 from stargzfs.conversion.state import StateRecorder
 from stargzfs.conversion.table import LiveTable
-from stargzfs.errors import NotEstargzError, StargzfsError, UnsupportedError
+from stargzfs.errors import NotEstargzError, StargzfsError, UnsupportedError, UsageError
 from stargzfs.estargz.fetch import TocResult, fetch_toc
-from stargzfs.fdpath import NotRegularFile, copy_file_at, is_regular_at, lstat_at, proc_path, publish
-from stargzfs.fdpath import unlink_quietly, write_file_at
+from stargzfs.fdpath import NotRegularFile, copy_file_at, is_regular_at, lstat_at, open_dir_beneath, proc_path
+from stargzfs.fdpath import publish, same_contents, sha256_at, unlink_quietly, write_file_at
 from stargzfs.registry import CredentialCache, Credentials, RegistryClient, parse_reference
 from stargzfs.snapshots import layout
 from stargzfs.snapshots.store import LayerCandidate
@@ -36,6 +40,22 @@ from stargzfs.snapshots.store import LayerCandidate
 log = logging.getLogger(__name__)
 
 Changed = Callable[..., None]  # (snapshot_id, *names): files appeared in that snapshot's dir
+
+
+class LayerKey(NamedTuple):
+    """What one conversion is shared by: single flight, backoff, refusals and copies."""
+
+    layer_hex: str
+    source: str  # "toc sha256:..." (the label), else "repo <registry>/<repository>"
+
+
+def layer_key(candidate: LayerCandidate) -> LayerKey:
+    if candidate.toc_digest:
+        return LayerKey(candidate.layer_hex, f"toc {candidate.toc_digest}")
+    try:
+        return LayerKey(candidate.layer_hex, f"repo {parse_reference(candidate.image_ref).name}")
+    except UsageError:
+        return LayerKey(candidate.layer_hex, f"ref {candidate.image_ref}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +89,11 @@ async def fetch_layer_toc(
 
 
 async def build_layer(job: LayerJob, result: TocResult, *, builder: Builder, builder_slots: trio.CapacityLimiter) -> None:
-    """Write the TOC, run the builder on it, publish `<hex>` (OSError: this snapshot's dirs)."""
+    """Write the TOC, run the builder on it, publish blob.meta then `<hex>` (OSError: this snapshot's dirs).
+
+    The builder writes blob.meta into a private temp dir beside its final place, under the
+    name nydus-snapshotter gives it, so an existing blob.meta is only ever kept or matched.
+    """
     layer_hex = job.candidate.layer_hex
     fs_fd, meta_fd = job.fs_fd, job.blob_meta_fd
     await trio.to_thread.run_sync(functools.partial(
@@ -77,34 +101,71 @@ async def build_layer(job: LayerJob, result: TocResult, *, builder: Builder, bui
         temp=layout.convert_temp_name("-file-"),
     ))
     meta_name = layout.blob_meta_name(layer_hex)
-    meta_info = lstat_at(meta_fd, meta_name)
-    if meta_info is not None and not stat.S_ISREG(meta_info.st_mode):
-        unlink_quietly(meta_fd, meta_name)  # ours to produce; never write through a planted link
     temp = layout.convert_temp_name()
-    argv = builder.create_argv(
-        bootstrap=proc_path(fs_fd, temp),
-        blob_id=layer_hex,
-        blob_meta=proc_path(meta_fd, meta_name),
-        toc=proc_path(fs_fd, layout.TOC_FILE),
-        codec=result.codec,
-        blob_data_size=result.footer.payload_end,
-    )
+    meta_dir = layout.convert_temp_name("-meta-")
+    os.mkdir(meta_dir, 0o700, dir_fd=meta_fd)
+    meta_dir_fd = open_dir_beneath(meta_fd, [meta_dir])
     try:
-        async with builder_slots:
-            try:
-                await run_builder(argv, (fs_fd, meta_fd), "building bootstrap")
-            except BuilderFailed as exc:
-                if builder.rejected_for_good(exc):
-                    unlink_quietly(fs_fd, layout.TOC_FILE)  # an input for a bootstrap that will never exist
-                    raise NotConvertible(
-                        f"unsupported eStargz layer: {builder.name} rejected its TOC: {exc.last_line}"
-                    ) from None
-                raise
+        argv = builder.create_argv(
+            bootstrap=proc_path(fs_fd, temp),
+            blob_id=layer_hex,
+            blob_meta=proc_path(meta_dir_fd, meta_name),
+            toc=proc_path(fs_fd, layout.TOC_FILE),
+            codec=result.codec,
+            blob_data_size=result.footer.payload_end,
+        )
+        await _run_create(builder, builder_slots, argv, (fs_fd, meta_dir_fd), job)
         if lstat_at(fs_fd, temp) is None:
             raise ConversionError(f"building bootstrap: {builder.name} wrote no bootstrap")
+        if lstat_at(meta_dir_fd, meta_name) is not None:
+            await trio.to_thread.run_sync(_publish_blob_meta, meta_dir_fd, meta_fd, meta_name)
         await trio.to_thread.run_sync(publish, fs_fd, temp, layout.bootstrap_name(layer_hex), layout.OUTPUT_MODE)
     finally:
         unlink_quietly(fs_fd, temp)
+        unlink_quietly(meta_dir_fd, meta_name)
+        os.close(meta_dir_fd)
+        os.rmdir(meta_dir, dir_fd=meta_fd)
+
+
+async def _run_create(
+    builder: Builder, builder_slots: trio.CapacityLimiter, argv: list[str], fds: tuple[int, ...], job: LayerJob
+) -> None:
+    async with builder_slots:
+        try:
+            await run_builder(builder, argv, fds, "building bootstrap")
+        except BuilderFailed as exc:
+            if builder.rejected_for_good(exc):
+                unlink_quietly(job.fs_fd, layout.TOC_FILE)  # an input for a bootstrap that will never exist
+                if exc.status == MALFORMED_STATUS:  # a broken TOC is an error, not "no bootstrap"
+                    raise NotConvertible(
+                        f"malformed eStargz layer: {builder.name} rejected its TOC: {exc.last_line}", errno.EIO
+                    ) from None
+                raise NotConvertible(
+                    f"unsupported eStargz layer: {builder.name} rejected its TOC: {exc.last_line}"
+                ) from None
+            raise
+
+
+def _publish_blob_meta(temp_dir_fd: int, meta_fd: int, meta_name: str) -> None:
+    """Move the new blob.meta into place; one already there must hold the same bytes.
+
+    The fusedev cache dir keeps one `<hex>.blob.meta` per layer digest for every image that
+    names it (nydusd finds it by blob id): different bytes mean another TOC for the same
+    digest, and replacing them would change that other image's filesystem.
+    """
+    while not publish(temp_dir_fd, meta_name, meta_name, layout.OUTPUT_MODE, final_dir_fd=meta_fd, keep_temp=True):
+        existing = lstat_at(meta_fd, meta_name)
+        if existing is None:
+            continue  # removed meanwhile: try again
+        if not stat.S_ISREG(existing.st_mode):
+            unlink_quietly(meta_fd, meta_name)  # ours to produce; never write through a planted link
+            continue
+        if same_contents(temp_dir_fd, meta_name, meta_fd, meta_name):
+            return
+        raise ConversionError(
+            f"{meta_name} already exists with the chunk map of another TOC for this digest "
+            "(another image names the same layer digest with a different TOC); not replacing it"
+        )
 
 
 async def convert_layer(
@@ -187,14 +248,16 @@ class LayerConverter:
         self.credentials = credentials
         self.changed = changed
         self.conversions = 0
-        self._sources: dict[str, str] = {}  # layer hex -> a snapshot id whose fs dir has its outputs
+        self._sources: dict[LayerKey, str] = {}  # key -> a snapshot id whose fs dir has its outputs
+        self._checked: set[tuple[str, str]] = set()  # (snapshot id, toc digest) whose TOC file matched
 
     @staticmethod
-    def key(candidate: LayerCandidate) -> Hashable:
-        """What single-flight, backoff and the "not eStargz" memory are kept per."""
-        return candidate.layer_hex
+    def key(candidate: LayerCandidate) -> LayerKey:
+        """What single-flight, backoff, the "not eStargz" memory and copies are kept per."""
+        return layer_key(candidate)
 
-    def refusal(self, candidate: LayerCandidate) -> str | None:
+    def refusal(self, candidate: LayerCandidate) -> tuple[int, str] | None:
+        """(errno, why) when the candidate's layer will never convert."""
         return self.gate.refusal(self.key(candidate))
 
     def outputs(self, layer_hex: str) -> list[str]:
@@ -203,9 +266,23 @@ class LayerConverter:
     async def ensure(self, candidate: LayerCandidate) -> None:
         """`<hex>` in the candidate's fs dir, or OSError ENOENT (not eStargz) / EIO (failed)."""
         key = self.key(candidate)
-        await self.gate.run(key, lambda: self._provide(candidate, key))
+        await self.gate.run(key, lambda: self._guarded(candidate, key))
 
-    async def _provide(self, candidate: LayerCandidate, key: Hashable) -> None:
+    async def _guarded(self, candidate: LayerCandidate, key: LayerKey) -> None:
+        """`_provide`, with anything but an OSError answer treated like any failed conversion.
+
+        A bug, or an input nobody foresaw, must still end as EIO, a recorded error and a
+        backoff: never a refetch per lookup, never an exception escaping into the FUSE layer.
+        """
+        try:
+            await self._provide(candidate, key)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.exception("snapshot %s layer %s: unexpected failure", candidate.snapshot_id, candidate.layer_hex[:12])
+            raise await self._failed(candidate, key, f"unexpected {type(exc).__name__}: {exc}") from None
+
+    async def _provide(self, candidate: LayerCandidate, key: LayerKey) -> None:
         try:
             fs_fd = self.dirs.open_fs(candidate.snapshot_id)
         except OSError as exc:
@@ -214,12 +291,34 @@ class LayerConverter:
             existing = lstat_at(fs_fd, layout.bootstrap_name(candidate.layer_hex))
             if existing is not None:
                 if stat.S_ISREG(existing.st_mode):
+                    await self._check_built_from_label(candidate, fs_fd)
                     return
                 raise await self._local_failure(candidate, f"{candidate.layer_hex} exists but is not a regular file")
             if not await self._copy_from_sibling(candidate, fs_fd):
                 await self._convert(candidate, fs_fd, key)
         finally:
             os.close(fs_fd)
+
+    async def _check_built_from_label(self, candidate: LayerCandidate, fs_fd: int) -> None:
+        """An existing bootstrap must come from the TOC the label names (checked once per mount).
+
+        The TOC file beside a bootstrap is what built it, so a bootstrap left by an earlier
+        run from another image's TOC is caught after a restart too.
+        """
+        label = candidate.toc_digest
+        if label is None or (candidate.snapshot_id, label) in self._checked:
+            return
+        try:
+            found = await trio.to_thread.run_sync(sha256_at, fs_fd, layout.TOC_FILE)
+        except OSError as exc:
+            raise await self._local_failure(candidate, f"cannot read {layout.TOC_FILE}: {exc.strerror}") from None
+        if found is not None and found != label:
+            detail = (
+                f"bootstrap {candidate.layer_hex} was built from TOC {found}, but the snapshot's toc.digest label "
+                f"says {label}; remove {candidate.layer_hex} and {layout.TOC_FILE} to rebuild it"
+            )
+            raise await self._local_failure(candidate, detail)
+        self._checked.add((candidate.snapshot_id, label))
 
     async def _local_failure(self, candidate: LayerCandidate, detail: str) -> OSError:
         """A problem of one snapshot's dir, not of the layer: EIO without a digest-wide backoff."""
@@ -230,8 +329,8 @@ class LayerConverter:
 
     # ------------------------------------------------------------------ copies
     def _sibling_sources(self, candidate: LayerCandidate) -> list[str]:
-        """Other candidate snapshots of the same layer digest, the last known source first."""
-        known = self._sources.get(candidate.layer_hex)
+        """Other candidate snapshots with the same key, the last known source first."""
+        known = self._sources.get(self.key(candidate))
         ids = [known] if known is not None and known != candidate.snapshot_id else []
         for snapshot in self.table.cached().all():
             other = snapshot.candidate
@@ -240,15 +339,20 @@ class LayerConverter:
                 ids.append(other.snapshot_id)
         return ids
 
-    def _copy_from_first(self, source_ids: Sequence[str], dst_fd: int, layer_hex: str) -> str | None:
-        """Copy the outputs from the first source that has them (blocking: runs in a thread)."""
+    def _copy_from_first(self, source_ids: Sequence[str], dst_fd: int, candidate: LayerCandidate) -> str | None:
+        """Copy the outputs from the first source that has them (blocking: runs in a thread).
+
+        With a toc.digest label, a source whose TOC file hashes to anything else is skipped.
+        """
         for source_id in source_ids:
             try:
                 src_fd = self.dirs.open_fs(source_id)
             except OSError:
                 continue
             try:
-                copy_layer_outputs(src_fd, dst_fd, layer_hex, with_blob_meta=self.dirs.fscache)
+                if candidate.toc_digest is not None and sha256_at(src_fd, layout.TOC_FILE) != candidate.toc_digest:
+                    continue
+                copy_layer_outputs(src_fd, dst_fd, candidate.layer_hex, with_blob_meta=self.dirs.fscache)
                 return source_id
             except (NotRegularFile, FileNotFoundError):
                 continue  # that snapshot has no complete outputs (yet, or any more)
@@ -263,20 +367,35 @@ class LayerConverter:
         if not sources:
             return False
         try:
-            source_id = await trio.to_thread.run_sync(self._copy_from_first, sources, fs_fd, layer_hex)
+            source_id = await trio.to_thread.run_sync(self._copy_from_first, sources, fs_fd, candidate)
         except OSError as exc:
             detail = f"copying layer {layer_hex[:12]} failed: {exc.strerror}"
             raise await self._local_failure(candidate, detail) from None
         if source_id is None:
             return False
-        self._sources[layer_hex] = source_id
+        self._sources[self.key(candidate)] = source_id
         log.info("snapshot %s: copied layer %s from snapshot %s", candidate.snapshot_id, layer_hex[:12], source_id)
         self.changed(candidate.snapshot_id, *self.outputs(layer_hex))
         await self.recorder.layer(layer_hex, status="converted", snapshot_id=candidate.snapshot_id)
         return True
 
     # ------------------------------------------------------------------ conversion
-    async def _convert(self, candidate: LayerCandidate, fs_fd: int, key: Hashable) -> None:
+    @staticmethod
+    def _message(candidate: LayerCandidate, detail: str) -> str:
+        """Errors name the snapshot and the layer digest once (registry errors already name the blob)."""
+        if candidate.layer_hex in detail:
+            return f"snapshot {candidate.snapshot_id}: {detail}"
+        return f"snapshot {candidate.snapshot_id} layer sha256:{candidate.layer_hex}: {detail}"
+
+    async def _failed(self, candidate: LayerCandidate, key: LayerKey, detail: str) -> OSError:
+        """A failed conversion: recorded, backed off for its key, EIO."""
+        message = self._message(candidate, detail)
+        delay = self.gate.failed(key, message)
+        log.error("%s (retry in %.1fs)", message, delay)
+        await self.recorder.layer(candidate.layer_hex, status="error", error=message, snapshot_id=candidate.snapshot_id)
+        return OSError(errno.EIO, message)
+
+    async def _convert(self, candidate: LayerCandidate, fs_fd: int, key: LayerKey) -> None:
         layer_hex, snapshot_id = candidate.layer_hex, candidate.snapshot_id
         started = time.monotonic()
         try:
@@ -286,25 +405,19 @@ class LayerConverter:
                 builder_slots=self.builder_slots,
             )
         except NotConvertible as exc:
-            reason = str(exc)
-            self.gate.refuse(key, reason)
+            reason = self._message(candidate, str(exc)) if exc.code != errno.ENOENT else str(exc)
+            self.gate.refuse(key, reason, exc.code)
             log.info("snapshot %s layer %s: %s", snapshot_id, layer_hex[:12], reason)
-            await self.recorder.layer(layer_hex, status="not-estargz", error=reason, snapshot_id=snapshot_id)
-            raise OSError(errno.ENOENT, reason) from None
+            status = "not-estargz" if exc.code == errno.ENOENT else "error"
+            await self.recorder.layer(layer_hex, status=status, error=reason, snapshot_id=snapshot_id)
+            raise OSError(exc.code, reason) from None
         except OSError as exc:  # this snapshot's dir, not the layer: no digest-wide backoff
             detail = f"layer sha256:{layer_hex}: writing outputs: {exc.strerror or exc}"
             raise await self._local_failure(candidate, detail) from None
         except StargzfsError as exc:
-            detail = str(exc)
-            # registry errors already name the blob: the digest appears once in the message
-            prefix = f"snapshot {snapshot_id}" if layer_hex in detail else f"snapshot {snapshot_id} layer sha256:{layer_hex}"
-            message = f"{prefix}: {detail}"
-            delay = self.gate.failed(key, message)
-            log.error("%s (retry in %.1fs)", message, delay)
-            await self.recorder.layer(layer_hex, status="error", error=message, snapshot_id=snapshot_id)
-            raise OSError(errno.EIO, message) from None
+            raise await self._failed(candidate, key, str(exc)) from None
         self.gate.succeeded(key)
-        self._sources[layer_hex] = snapshot_id
+        self._sources[key] = snapshot_id
         if created:
             self.conversions += 1
             self.changed(snapshot_id, *self.outputs(layer_hex))

@@ -44,7 +44,9 @@ class SnapshotRootProvider:
         if not db.is_file():
             raise UsageError(f"{self.root} is not a snapshotter root: {db.name} is missing")
         self.table = LiveTable(db)
-        builder = detect_builder(settings.nydus_image)  # a bad --nydus-image fails the mount
+        builder = detect_builder(settings.nydus_image).limited(  # a bad --nydus-image fails the mount
+            memory_mib=settings.builder_memory_mib, cpu_seconds=settings.builder_cpu_seconds
+        )
         self.dirs = RootDirs(self.root, settings.effective_cache_dir, fscache=settings.fs_driver == "fscache")
         recorder = StateRecorder(self.root)
         slots = trio.CapacityLimiter(settings.max_builders)
@@ -115,7 +117,10 @@ class SnapshotRootProvider:
 
     def virtual_names(self, top: str) -> Sequence[str]:
         candidate = self._candidate(top)
-        if candidate is None or self.layers.refusal(candidate) is not None:
+        if candidate is None:
+            return ()
+        refused = self.layers.refusal(candidate)
+        if refused is not None and refused[0] == errno.ENOENT:  # "no bootstrap": not offered
             return ()
         bootstrap = layout.bootstrap_name(candidate.layer_hex)
         if self.images.refusal(top) is not None:

@@ -63,8 +63,8 @@ class LiveTable:
         """Re-read metadata.db (blocking); on failure keep serving the last good read."""
         try:
             self.source.current()
-        except (StargzfsError, OSError) as exc:
-            message = str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever the file holds, the last good view stays
+            message = str(exc) if isinstance(exc, (StargzfsError, OSError)) else f"{type(exc).__name__}: {exc}"
             if message != self._error:
                 log.error("reading %s: %s (serving the last good read)", self.db, message)
             self._error = message

@@ -16,7 +16,7 @@ import trio
 
 from stargzfs import cliutil
 from stargzfs.errors import UsageError
-from stargzfs.estargz.toc import Toc, parse_toc
+from stargzfs.estargz.toc import parse_toc
 from stargzfs.rafs.materialize import COMPRESSIONS, MaterializeResult, materialize
 
 _BLOB_URL = re.compile(r"^(?P<scheme>https?)://(?P<host>[^/]+)/v2/(?P<repo>.+)/blobs/(?P<digest>[a-z0-9]+:[0-9a-fA-F]+)$")
@@ -41,10 +41,24 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DEV", help="cache file to write")
     parser.add_argument("--toc", type=Path, metavar="TOC", help="TOC JSON: verify chunks against its digests")
     parser.add_argument(
+        "--mode", type=_file_mode, default=0o600, metavar="OCTAL",
+        help="permissions of DEV (default 0600: it holds the layer's data uncompressed)",
+    )
+    parser.add_argument(
         "--compressor", choices=COMPRESSIONS, help="blob compression (default: detected from the data)"
     )
     cliutil.add_registry_options(parser, timeout=DEFAULT_REGISTRY_TIMEOUT, retries=DEFAULT_REGISTRY_RETRIES)
     parser.set_defaults(func=run)
+
+
+def _file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0640") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode (0 to 0777)")
+    return mode
 
 
 def _read_input(path: Path, what: str) -> bytes:
@@ -71,40 +85,29 @@ def _remote_source(blob: str) -> tuple[str, str, bool] | None:
 
 
 async def _materialize_remote(
-    blob_meta: bytes,
-    ref: str,
-    digest: str,
-    output: Path,
-    toc: Toc | None,
-    compressor: str | None,
-    *,
-    insecure: list[str],
-    timeout: float,
-    retries: int,
+    blob_meta: bytes, ref: str, digest: str, output: Path, *, insecure: list[str], timeout: float, retries: int,
+    **options: Any,
 ) -> MaterializeResult:
     from stargzfs.registry.client import RegistryClient, RegistryConfig
 
     config = RegistryConfig(insecure_hosts=tuple(insecure), timeout=timeout, retries=retries)
     async with RegistryClient(config) as client:
-        reader = client.blob(ref, digest)
-        return await materialize(blob_meta, reader, output, toc=toc, compression=compressor)
+        return await materialize(blob_meta, client.blob(ref, digest), output, **options)
 
 
-async def _materialize_file(
-    blob_meta: bytes, path: Path, output: Path, toc: Toc | None, compressor: str | None
-) -> MaterializeResult:
+async def _materialize_file(blob_meta: bytes, path: Path, output: Path, **options: Any) -> MaterializeResult:
     from stargzfs.estargz.fetch import FileRangeReader
 
     if not path.is_file():
         raise UsageError(f"--blob {path} is not a readable file (nor a URL or REF@DIGEST)")
-    reader = FileRangeReader(path)
-    return await materialize(blob_meta, reader, output, toc=toc, compression=compressor, blob_size=path.stat().st_size)
+    return await materialize(blob_meta, FileRangeReader(path), output, blob_size=path.stat().st_size, **options)
 
 
 def run(args: argparse.Namespace) -> int:
     blob_meta = _read_input(args.blob_meta, "--blob-meta")
     toc = parse_toc(_read_input(args.toc, "--toc")) if args.toc else None
     output: Path = args.output  # a missing or read-only directory is an OutputError (exit 1) when written
+    options = {"toc": toc, "compression": args.compressor, "mode": args.mode}
     remote = _remote_source(args.blob)
     job: Callable[[], Any]
     if remote is not None:
@@ -115,14 +118,14 @@ def run(args: argparse.Namespace) -> int:
 
         async def job() -> MaterializeResult:
             return await _materialize_remote(
-                blob_meta, ref, digest, output, toc, args.compressor,
-                insecure=insecure, timeout=args.registry_timeout, retries=args.registry_retries,
+                blob_meta, ref, digest, output,
+                insecure=insecure, timeout=args.registry_timeout, retries=args.registry_retries, **options,
             )
 
     else:
 
         async def job() -> MaterializeResult:
-            return await _materialize_file(blob_meta, Path(args.blob), output, toc, args.compressor)
+            return await _materialize_file(blob_meta, Path(args.blob), output, **options)
 
     result: MaterializeResult = trio.run(job)
     print(

@@ -187,10 +187,12 @@ async def materialize(
     toc: Toc | None = None,
     compression: str | None = None,
     blob_size: int | None = None,
+    mode: int = 0o600,
 ) -> MaterializeResult:
     """Build the cache file at `output` (temp file + rename: nothing partial on failure).
 
-    `compression` None means detect it from the first chunk's magic bytes.
+    `compression` None means detect it from the first chunk's magic bytes. The cache holds the
+    layer's data uncompressed, so it is private (0600) unless the caller asks for a `mode`.
     """
     codec: Codec | None = None
     if compression is not None:
@@ -204,7 +206,7 @@ async def materialize(
     file_size = _round_up(max((c.uncompressed_offset + c.uncompressed_size for c in chunks), default=0), PAGE_SIZE)
     output = Path(output)
     requests = fetched = verified = 0
-    with atomic_output(output) as handle:
+    with atomic_output(output, mode=mode) as handle:
         for start, end, group in _spans(jobs):
             data = await reader.read_range(start, end)
             requests += 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stargzfs.digest import is_layer_hex
-from stargzfs.errors import FormatError, StargzfsError, UnsupportedError, UsageError
+from stargzfs.errors import FormatError, UnsupportedError, UsageError
 from stargzfs.gcpause import paused_gc
 from stargzfs.rafs.reader import read_bootstrap
 from stargzfs.rafs.tree import BlobInfo, ChunkRef, Node, RafsImage
@@ -55,7 +55,7 @@ def read_source(path: Path) -> RafsImage:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise StargzfsError(f"cannot read bootstrap {str(path)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read bootstrap {str(path)!r}: {exc.strerror or exc}") from None
     if len(data) >= _RAFS_V5_HEAD.size and _RAFS_V5_HEAD.unpack_from(data) == (_RAFS_V5_MAGIC, _RAFS_V5_VERSION):
         raise UnsupportedError(f"bootstrap {str(path)!r} is RAFS v5 (fs version 5); merge needs fs version 6")
     try:

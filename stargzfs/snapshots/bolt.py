@@ -152,16 +152,18 @@ class Tx:
         self.path = path
         self.meta = meta
         self.image = image  # a copy of the file taken under this meta, else read the live file
+        self.size = len(image) if image is not None else os.fstat(fd).st_size
         self.visited: set[int] = set()  # page ids read so far; a second visit means corruption
 
     def read(self, size: int, offset: int, what: str) -> bytes:
+        """Exactly `size` bytes at `offset`; sizes come from the file, so check before allocating."""
+        if offset + size > self.size:
+            raise FormatError(
+                f"{self.path}: truncated or corrupt ({what} needs bytes {offset}..{offset + size}, "
+                f"file has {self.size})"
+            )
         if self.image is None:
             return _pread_exact(self.fd, size, offset, what, self.path)
-        if offset + size > len(self.image):
-            raise FormatError(
-                f"{self.path}: truncated ({what} needs bytes {offset}..{offset + size}, "
-                f"file has {len(self.image)})"
-            )
         return self.image[offset : offset + size]
 
     def root(self) -> Bucket:
@@ -311,6 +313,7 @@ def read_consistent(
     visit: Callable[[Tx], T],
     *,
     attempts: int = DEFAULT_ATTEMPTS,
+    live_attempts: int = LIVE_WALK_ATTEMPTS,
     stats: dict[str, int] | None = None,
 ) -> tuple[T, int]:
     """Run `visit` on a consistent view of the database; returns (result, txid).
@@ -335,8 +338,9 @@ def read_consistent(
                 raise FormatError(f"{path}: not a regular file, so not a bbolt database")
             meta = read_meta(fd, path)
             image: bytes | None = None
-            if attempt >= LIVE_WALK_ATTEMPTS:
-                image = os.pread(fd, meta.high_water_pgid * meta.page_size, 0)
+            if attempt >= live_attempts:
+                # pages past the file's end cannot be read anyway: never size a buffer by them
+                image = os.pread(fd, min(meta.high_water_pgid * meta.page_size, os.fstat(fd).st_size), 0)
                 copied_under = read_meta(fd, path)
             failure: StargzfsError | None = None
             result: T | None = None
@@ -345,7 +349,7 @@ def read_consistent(
                     result = visit(Tx(fd, path, meta, image))
             except StargzfsError as exc:
                 failure = exc
-            except (struct.error, IndexError, ValueError, OverflowError, RecursionError) as exc:
+            except (struct.error, IndexError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
                 # Defence in depth: every structure is bounds-checked, but corrupt bytes must
                 # never surface as a traceback.
                 failure = FormatError(f"{path}: malformed database ({type(exc).__name__}: {exc})")
