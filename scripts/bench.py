@@ -23,6 +23,7 @@ def load(name: str):
     path = BENCHES / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benches.{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 

@@ -2,7 +2,8 @@
 
 Built offline in GOPATH mode against Debian's golang-github-containerd-containerd-dev
 (which pulls in golang-github-coreos-bbolt-dev for go.etcd.io/bbolt), once per session.
-Also usable outside pytest (scripts/benches/snapshots.py) via `build_snapdb`.
+Also usable outside pytest (scripts/benches/snapshots.py) via `build_snapdb`; `gopath_build` builds
+any other Go main the same way (scripts/benches/_stargz_peer.py).
 """
 
 from __future__ import annotations
@@ -32,22 +33,23 @@ def find_go() -> str:
     go = shutil.which("go") or ("/usr/lib/go/bin/go" if Path("/usr/lib/go/bin/go").exists() else None)
     if go is None:
         raise RuntimeError("Go toolchain not found: apt-get install golang-go")
-    if not (STORAGE_PACKAGE / "bolt.go").exists():
-        raise RuntimeError(
-            f"{STORAGE_PACKAGE} missing: apt-get install golang-github-containerd-containerd-dev"
-        )
     return go
 
 
-def build_snapdb(workdir: Path) -> Path:
-    """Compile tests/go/snapdb into workdir/snapdb (GOPATH mode, no network)."""
+def gopath_build(sources: Path, import_path: str, workdir: Path, binary: Path) -> Path:
+    """Compile the Go main package in `sources` to `binary`, offline in GOPATH mode.
+
+    The package is copied to workdir/gopath/src/<import_path>; its imports resolve against Debian's
+    golang-*-dev packages in /usr/share/gocode (no modules, no network).
+    """
     go = find_go()
     gopath = workdir / "gopath"
-    package_dir = gopath / "src" / IMPORT_ROOT / "snapdb"
+    package_dir = gopath / "src" / import_path
     if package_dir.exists():
         shutil.rmtree(package_dir)
-    shutil.copytree(GO_SOURCES / "snapdb", package_dir)
-    binary = workdir / "snapdb"
+    package_dir.mkdir(parents=True)
+    for source in Path(sources).glob("*.go"):
+        shutil.copy2(source, package_dir)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(workdir),
@@ -62,8 +64,17 @@ def build_snapdb(workdir: Path) -> Path:
         [go, "build", "-o", str(binary), "."], cwd=package_dir, env=env, capture_output=True, text=True
     )
     if result.returncode != 0:
-        raise RuntimeError(f"building the snapdb Go helper failed:\n{result.stderr}")
+        raise RuntimeError(f"building the Go helper {import_path} failed:\n{result.stderr}")
     return binary
+
+
+def build_snapdb(workdir: Path) -> Path:
+    """Compile tests/go/snapdb into workdir/snapdb (GOPATH mode, no network)."""
+    if not (STORAGE_PACKAGE / "bolt.go").exists():
+        raise RuntimeError(
+            f"{STORAGE_PACKAGE} missing: apt-get install golang-github-containerd-containerd-dev"
+        )
+    return gopath_build(GO_SOURCES / "snapdb", f"{IMPORT_ROOT}/snapdb", workdir, workdir / "snapdb")
 
 
 @dataclass(frozen=True)
