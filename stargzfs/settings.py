@@ -148,6 +148,8 @@ _FLOAT_FIELDS = {
 
 def _convert(key: str, name: str, value: Any) -> Any:
     """Type-check one config value; `key` is how the user wrote it, for the error."""
+    if isinstance(value, str) and "\0" in value or isinstance(value, list) and any("\0" in str(v) for v in value):
+        raise UsageError(f"config key {key} contains a NUL byte")
     if name in _PATH_FIELDS or name in ("fs_driver", "log_level"):
         if not isinstance(value, str):
             raise UsageError(f"config key {key} must be a string")

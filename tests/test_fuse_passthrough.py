@@ -462,3 +462,20 @@ def test_snapshots_appear_and_disappear_without_remount(fuse_mount, tmp_path: Pa
     tops_file.write_text(json.dumps({k: str(root / f"snapshots/{k}/fs") for k in ("2", "3")}))
     assert sorted(os.listdir(running.mountpoint)) == ["2", "3"]
     assert (running.mountpoint / "3" / "id").read_text() == "3"
+
+
+def test_forgotten_inodes_leave_nothing_behind(tmp_path: Path) -> None:
+    """The table is bounded by what the kernel holds, not by every file ever looked up."""
+    table = InodeTable()
+    for index in range(2000):
+        path = tmp_path / f"f{index}"
+        path.write_bytes(b"")
+        fd = os.open(path, os.O_PATH)
+        inode = table.adopt(fd, os.fstat(fd))
+        table.ref(inode)
+        table.forget(inode.number, 1)
+    assert table.known_keys == 0 and len(table) == 1  # only MNT/ itself
+    fd = os.open(tmp_path / "f0", os.O_PATH)
+    again = table.adopt(fd, os.fstat(fd))
+    assert again.number > 2000  # numbers are never reused
+    table.close_all()

@@ -218,6 +218,9 @@ def _setup_bad(tmp_path: Path, snapshot_root: Path, case: str) -> tuple[list[str
                 "stargzfs.registry_retries must be an integer")
     if case == "infinite auth timeout":
         return ["mount", "--auth-timeout", "inf", str(snapshot_root), str(mountpoint)], "auth_timeout"
+    if case == "NUL byte in a config path":
+        (tmp_path / "c.toml").write_text('[cache_manager]\ncache_dir = "/var/cache\\u0000/x"\n')
+        return ["mount", "--config", str(tmp_path / "c.toml"), str(snapshot_root), str(mountpoint)], "NUL byte"
     if case == "no root anywhere":
         return ["mount", str(mountpoint)], "no ROOT"
     if case == "umount of a plain dir":
@@ -232,6 +235,7 @@ def _setup_bad(tmp_path: Path, snapshot_root: Path, case: str) -> tuple[list[str
         "mountpoint is a file", "mountpoint not empty", "bad config key", "bad config type",
         "bad fs driver in config", "no root anywhere", "umount of a plain dir", "zero registry timeout",
         "negative retries in config", "fractional retries in config", "infinite auth timeout",
+        "NUL byte in a config path",
     ],
 )
 def test_bad_arguments_fail_cleanly(snapshot_root: Path, tmp_path: Path, case: str) -> None:

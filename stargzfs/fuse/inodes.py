@@ -2,9 +2,10 @@
 
 Every real inode the kernel knows about is pinned by one O_PATH|O_NOFOLLOW fd, the way
 libfuse's passthrough_ll does it, so later requests never resolve a path string: a rename
-or a planted symlink between two requests cannot redirect them. Numbers are handed out
-once per (st_dev, st_ino) and never reused during a mount, so `stat` shows a stable
-st_ino and hard links share one.
+or a planted symlink between two requests cannot redirect them. While the kernel holds an
+inode, each (st_dev, st_ino) has one number (hard links share it); once the kernel forgets
+it, so does the table, so a walk over a million files does not leave a million entries
+behind. Numbers are never reused during a mount (a later lookup gets a fresh one).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ class InodeTable:
         self.root = Inode(number=ROOT_NUMBER, lookups=1)
         self._live: dict[int, Inode] = {ROOT_NUMBER: self.root}
         self._by_key: dict[object, Inode] = {}
-        self._numbers: dict[object, int] = {}
         self._next_number = ROOT_NUMBER + 1
         self._tops: dict[str, Inode] = {}
 
@@ -57,12 +57,14 @@ class InodeTable:
     def get(self, number: int) -> Inode | None:
         return self._live.get(number)
 
-    def _number_for(self, key: object) -> int:
-        number = self._numbers.get(key)
-        if number is None:
-            number = self._next_number
-            self._next_number += 1
-            self._numbers[key] = number
+    @property
+    def known_keys(self) -> int:
+        """How many (device, inode) / placeholder keys the table maps (bounded by live inodes)."""
+        return len(self._by_key)
+
+    def _new_number(self) -> int:
+        number = self._next_number
+        self._next_number += 1
         return number
 
     def adopt(self, fd: int, st: os.stat_result) -> Inode:
@@ -76,7 +78,7 @@ class InodeTable:
             os.close(fd)
             return existing
         inode = Inode(
-            number=self._number_for(key),
+            number=self._new_number(),
             fd=fd,
             is_symlink=(st.st_mode & 0o170000) == 0o120000,
             key=key,
@@ -92,7 +94,7 @@ class InodeTable:
         existing = self._by_key.get(key)
         if existing is not None:
             return existing
-        inode = Inode(number=self._number_for(key), placeholder=(top, name), key=key)
+        inode = Inode(number=self._new_number(), placeholder=(top, name), key=key)
         self._live[inode.number] = inode
         self._by_key[key] = inode
         return inode
@@ -111,15 +113,13 @@ class InodeTable:
         inode.is_symlink = (st.st_mode & 0o170000) == 0o120000
         inode.placeholder = None
         if inode.key is not None and self._by_key.get(inode.key) is inode:
-            del self._by_key[inode.key]
-            self._numbers.pop(inode.key, None)  # a later placeholder of that name gets a fresh number
+            del self._by_key[inode.key]  # a later placeholder of that name gets a fresh number
         key: RealKey = (st.st_dev, st.st_ino)
         if key in self._by_key:
             inode.key = None
             return
         inode.key = key
         self._by_key[key] = inode
-        self._numbers[key] = inode.number
 
     def ref(self, inode: Inode) -> None:
         inode.lookups += 1
