@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from stargzfs import __version__, cliutil
-from stargzfs.commands import mount, status, toc
+from stargzfs.commands import mount, mount_image, status, toc
 
-SUBCOMMANDS = (toc, status, mount)
+SUBCOMMANDS = (toc, status, mount, mount_image)
 
 
 def build_parser() -> argparse.ArgumentParser:

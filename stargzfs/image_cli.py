@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from stargzfs import __version__, cliutil
 
-SUBCOMMANDS = ("create", "merge", "check", "inspect", "materialize")
+#: command name -> module in stargzfs/image_commands/
+SUBCOMMANDS = {name: name.replace("-", "_") for name in ("create", "merge", "check", "inspect", "materialize", "blob-index")}
 
 
 def _requested(argv: Sequence[str]) -> str | None:
@@ -30,8 +31,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     `create` then never loads trio/httpx (materialize) — start-up time counts in the
     snapshotter's per-layer budget. `--help` and unknown commands still list them all."""
     requested = _requested(sys.argv[1:] if argv is None else argv)
-    names = (requested,) if requested else SUBCOMMANDS
-    modules = [importlib.import_module(f"stargzfs.image_commands.{name}") for name in names]
+    names = (requested,) if requested else tuple(SUBCOMMANDS)
+    modules = [importlib.import_module(f"stargzfs.image_commands.{SUBCOMMANDS[name]}") for name in names]
     return cliutil.build_parser(
         "stargzfs-image",
         __doc__.splitlines()[0],

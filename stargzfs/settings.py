@@ -19,6 +19,8 @@ a `[stargzfs]` table, whose keys are checked strictly.
 | insecure_registries  | `[stargzfs] insecure_registries` | `--insecure-registry`   | []                       |
 | fuse_options         | `[stargzfs] fuse_options`        | `-o OPT[,OPT]`          | []                       |
 | max_builders         | `[stargzfs] max_builders`        | -                       | CPU count                |
+| prefetch             | `[stargzfs] prefetch`            | `--no-prefetch`         | true                     |
+| background_fetch     | `[stargzfs] background_fetch`    | `--background-fetch`    | false                    |
 | builder_memory_mib   | `[stargzfs] builder_memory_mib`  | -                       | 4096 (0: no limit)       |
 | builder_cpu_seconds  | `[stargzfs] builder_cpu_seconds` | -                       | 300 (0: no limit)        |
 | entry_timeout        | `[stargzfs] entry_timeout`       | -                       | 1.0 s                    |
@@ -75,6 +77,8 @@ class MountSettings:
     log_file: Path | None = None
     fuse_options: tuple[str, ...] = ()
     max_builders: int = field(default_factory=lambda: os.cpu_count() or 1)
+    prefetch: bool = True  # lazy blobs: fetch the files before .prefetch.landmark on first open
+    background_fetch: bool = False  # lazy blobs: then fill in the rest, yielding to reads
     builder_memory_mib: int = 4096
     builder_cpu_seconds: int = 300
     entry_timeout: float = 1.0
@@ -133,12 +137,12 @@ _SNAPSHOTTER_KEYS: dict[tuple[str, ...], str] = {
     ("log", "level"): "log_level",
 }
 _STARGZFS_KEYS = (
-    "mountpoint", "foreground", "rw", "log_file", "insecure_registries", "fuse_options",
+    "mountpoint", "foreground", "rw", "prefetch", "background_fetch", "log_file", "insecure_registries", "fuse_options",
     "max_builders", "builder_memory_mib", "builder_cpu_seconds", "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max",
     "registry_timeout", "registry_retries", "auth_timeout",
 )
 _PATH_FIELDS = {"root", "mountpoint", "cache_dir", "nydus_image", "log_file"}
-_BOOL_FIELDS = {"foreground", "rw"}
+_BOOL_FIELDS = {"foreground", "rw", "prefetch", "background_fetch"}
 _LIST_FIELDS = {"insecure_registries", "fuse_options"}
 _INT_FIELDS = {"max_builders", "builder_memory_mib", "builder_cpu_seconds", "registry_retries"}
 _FLOAT_FIELDS = {
@@ -211,7 +215,7 @@ def build_settings(cli: dict[str, Any], config: Path | None = None) -> MountSett
     """Merge defaults, the config file and CLI values (None = not given on the CLI)."""
     merged: dict[str, Any] = load_config(config) if config is not None else {}
     for name, value in cli.items():
-        if value is None or (name in _LIST_FIELDS and not value) or (name in _BOOL_FIELDS and value is False):
+        if value is None or (name in _LIST_FIELDS and not value):
             continue
         merged[name] = tuple(value) if name in _LIST_FIELDS else value
     for name in ("root", "mountpoint"):

@@ -26,6 +26,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     mount.add_argument("--fs-driver", choices=FS_DRIVERS, default=None,
                        help="where blob.meta files go: fusedev -> cache dir (default), fscache -> fs dir")
     mount.add_argument("--cache-dir", type=Path, default=None, help="blob cache dir (default ROOT/cache)")
+    mount.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None,
+                       help="MNT/.blobs: do not fetch the files before .prefetch.landmark on a blob's first open")
+    mount.add_argument("--background-fetch", action="store_true", default=None,
+                       help="MNT/.blobs: fill each opened blob's cache completely, yielding to reads")
     mount.add_argument("--nydus-image", type=Path, default=None,
                        help="external nydus-image builder (default: the bundled stargzfs-image)")
     mount.add_argument("--insecure-registry", dest="insecure_registries", action="append", default=[],
@@ -44,7 +48,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        help="nydus-snapshotter style config.toml (CLI flags override it)")
     mount.set_defaults(func=run_mount)
 
-    umount = sub.add_parser("umount", help="unmount a stargzfs mount (same as fusermount3 -u)")
+    umount = sub.add_parser("umount", help="unmount a stargzfs mount (fusermount3 -u) or an image mounted by mount-image")
     umount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     umount.set_defaults(func=run_umount)
 
@@ -60,6 +64,8 @@ def settings_from_args(args: argparse.Namespace) -> MountSettings:
         "rw": args.rw,
         "fs_driver": args.fs_driver,
         "cache_dir": args.cache_dir,
+        "prefetch": args.prefetch,
+        "background_fetch": args.background_fetch,
         "nydus_image": args.nydus_image,
         "insecure_registries": args.insecure_registries,
         "log_level": args.log_level,
@@ -92,6 +98,14 @@ def run_mount(args: argparse.Namespace) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
+    from stargzfs.mountinfo import find_mount
+
+    entry = find_mount(args.mountpoint)
+    if entry is not None and entry.fstype == "erofs":
+        from stargzfs.erofsmount import unmount
+
+        unmount(entry.mountpoint)  # an image `stargzfs mount-image` mounted
+        return 0
     from stargzfs.fuse import daemon
 
     daemon.unmount(args.mountpoint)

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from stargzfs.conversion import state
-from stargzfs.errors import UsageError
+from stargzfs.errors import StargzfsError, UsageError
+from stargzfs.rafs import chunkmap
+from stargzfs.rafs.blobmeta import uncompressed_extent
 from stargzfs.snapshots import layout
 from stargzfs.snapshots.store import Snapshot, candidate_reason, load_snapshots
 
@@ -80,6 +82,27 @@ def snapshot_row(
     }
 
 
+def blob_rows(cache_dir: Path, current: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Lazy blob caches (`<hex>.chunk_map` beside `<hex>.blob.meta`): chunks cached / total,
+    and what the mount fetched for them (state.json)."""
+    rows = []
+    for name in sorted(_listing(str(cache_dir)) or ()):
+        layer_hex = name.removesuffix(".chunk_map")
+        if layer_hex == name:
+            continue
+        try:
+            chunks, _ = uncompressed_extent((cache_dir / layout.blob_meta_name(layer_hex)).read_bytes())
+            cached = chunkmap.count(chunkmap.decode((cache_dir / name).read_bytes(), chunks), chunks)
+        except (OSError, StargzfsError):
+            continue  # not a cache of ours (or half gone): nothing to report
+        recorded = current.get("blobs", {}).get(layer_hex, {})
+        rows.append({
+            "layer_hex": layer_hex, "chunks": chunks, "chunks_cached": cached,
+            "fetched_bytes": recorded.get("fetched_bytes"), "requests": recorded.get("requests"),
+        })
+    return rows
+
+
 def collect(root: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     """The status document; raises StargzfsError subclasses for a bad root or database."""
     if not root.is_dir():
@@ -91,6 +114,7 @@ def collect(root: Path, cache_dir: Path | None = None) -> dict[str, Any]:
         "root": str(root),
         "txid": table.txid,
         "snapshots": [snapshot_row(root, cache, snapshot, current) for snapshot in table.all()],
+        "blobs": blob_rows(cache, current),
     }
 
 
@@ -119,6 +143,12 @@ def render_table(document: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)) + "  " + r[-1] for r in rows]
     lines.append(f"{len(document['snapshots'])} snapshots, metadata.db txid {document['txid']}")
+    for blob in document.get("blobs", []):
+        fetched = blob["fetched_bytes"]
+        lines.append(
+            f"blob {blob['layer_hex'][:12]}: {blob['chunks_cached']}/{blob['chunks']} chunks cached"
+            + (f", {fetched} bytes fetched in {blob['requests']} requests by the last mount" if fetched is not None else "")
+        )
     return "\n".join(line.rstrip() for line in lines)
 
 

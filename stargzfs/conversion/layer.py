@@ -237,8 +237,10 @@ class LayerConverter:
         registry: Callable[[], Awaitable[RegistryClient]],
         credentials: CredentialCache,
         changed: Changed,
+        on_bootstrap: Callable[[LayerCandidate], None] = lambda candidate: None,
     ) -> None:
         self.dirs = dirs
+        self.on_bootstrap = on_bootstrap  # told whenever a candidate's bootstrap exists
         self.table = table
         self.gate = gate
         self.recorder = recorder
@@ -292,10 +294,12 @@ class LayerConverter:
             if existing is not None:
                 if stat.S_ISREG(existing.st_mode):
                     await self._check_built_from_label(candidate, fs_fd)
+                    self.on_bootstrap(candidate)
                     return
                 raise await self._local_failure(candidate, f"{candidate.layer_hex} exists but is not a regular file")
             if not await self._copy_from_sibling(candidate, fs_fd):
                 await self._convert(candidate, fs_fd, key)
+            self.on_bootstrap(candidate)
         finally:
             os.close(fs_fd)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import trio
 
-from stargzfs.conversion.builder import detect_builder
+from stargzfs.conversion.blobs import LAZY_DIR, BlobService, BlobSettings
+from stargzfs.conversion.builder import bundled_builder, detect_builder
 from stargzfs.conversion.gate import ConversionGate
 from stargzfs.conversion.image import ImageComposer
 from stargzfs.conversion.layer import LayerConverter
@@ -44,17 +45,23 @@ class SnapshotRootProvider:
         if not db.is_file():
             raise UsageError(f"{self.root} is not a snapshotter root: {db.name} is missing")
         self.table = LiveTable(db)
-        builder = detect_builder(settings.nydus_image).limited(  # a bad --nydus-image fails the mount
-            memory_mib=settings.builder_memory_mib, cpu_seconds=settings.builder_cpu_seconds
-        )
+        limits = {"memory_mib": settings.builder_memory_mib, "cpu_seconds": settings.builder_cpu_seconds}
+        builder = detect_builder(settings.nydus_image).limited(**limits)  # a bad --nydus-image fails the mount
         self.dirs = RootDirs(self.root, settings.effective_cache_dir, fscache=settings.fs_driver == "fscache")
         recorder = StateRecorder(self.root)
         slots = trio.CapacityLimiter(settings.max_builders)
         self._client: RegistryClient | None = None
         self._notifier: ChangeNotifier | None = None
+        credentials = CredentialCache()
+        self.blobs = BlobService(
+            dirs=self.dirs, table=self.table, recorder=recorder, indexer=bundled_builder().limited(**limits),
+            registry=self._registry, credentials=credentials,
+            settings=BlobSettings(prefetch=settings.prefetch, background_fetch=settings.background_fetch),
+        )
         self.layers = LayerConverter(
             dirs=self.dirs, table=self.table, gate=self._gate(), recorder=recorder, builder=builder,
-            builder_slots=slots, registry=self._registry, credentials=CredentialCache(), changed=self._changed,
+            builder_slots=slots, registry=self._registry, credentials=credentials, changed=self._changed,
+            on_bootstrap=self.blobs.note,
         )
         self.images = ImageComposer(
             dirs=self.dirs, table=self.table, gate=self._gate(), recorder=recorder, builder=builder,
@@ -78,6 +85,10 @@ class SnapshotRootProvider:
         for note in self._startup_notes:
             log.info("%s", note)
         self._startup_notes = []
+
+    def bind_nursery(self, nursery: trio.Nursery) -> None:
+        """Where background work outliving a request runs (prefetch, readahead of lazy blobs)."""
+        self.blobs.bind_nursery(nursery)
 
     def _changed(self, snapshot_id: str, *names: str) -> None:
         """Files appeared in MNT/<snapshot_id>/: the kernel must not serve stale entries/attrs."""
@@ -142,3 +153,15 @@ class SnapshotRootProvider:
             await self.images.ensure(snapshot)
         else:
             raise OSError(errno.ENOENT, f"{top}/{name} is not produced by this mount")
+
+    # ----------------------------------------------------------------- lazy blob files
+    lazy_dir = LAZY_DIR
+
+    def lazy_files(self) -> Mapping[str, int]:
+        return self.blobs.files()
+
+    async def open_lazy(self, name: str) -> None:
+        await self.blobs.open(name)
+
+    async def read_lazy(self, name: str, offset: int, size: int) -> bytes:
+        return await self.blobs.read(name, offset, size)

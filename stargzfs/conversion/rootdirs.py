@@ -25,13 +25,19 @@ class RootDirs:
         self.cache_dir = cache_dir
         self.fscache = fscache
         self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.cache_fd = -1 if fscache else self._open_cache_dir()
+        self.cache_fd = -1 if fscache and not cache_dir.is_dir() else self._open_cache_dir()
 
     def close(self) -> None:
-        for fd in (self._root_fd, self.cache_fd):
+        for fd in {self._root_fd, self.cache_fd}:
             if fd >= 0:
                 os.close(fd)
         self._root_fd = self.cache_fd = -1
+
+    def lazy_cache_fd(self) -> int:
+        """The blobcache dir of lazy blob serving: the cache dir, made on first use with fscache."""
+        if self.cache_fd < 0:
+            self.cache_fd = self._open_cache_dir()
+        return self.cache_fd
 
     def open_fs(self, snapshot_id: str) -> int:
         """O_PATH fd of ROOT/snapshots/<id>/fs (caller closes); ENOTDIR for a planted link."""
@@ -39,7 +45,7 @@ class RootDirs:
 
     def blob_meta_dir(self, fs_fd: int) -> int:
         """Where a layer's blob.meta goes: the cache dir (fusedev) or its own fs dir (fscache)."""
-        return fs_fd if self.fscache else self.cache_fd
+        return fs_fd if self.fscache else self.lazy_cache_fd()
 
     def _open_cache_dir(self) -> int:
         """The fusedev blob.meta dir; under ROOT it is reached without following symlinks."""

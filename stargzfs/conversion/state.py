@@ -38,8 +38,11 @@ def state_path(root: Path) -> Path:
     return state_dir(root) / STATE_FILE
 
 
+SECTIONS = ("layers", "images", "blobs")
+
+
 def _empty() -> dict[str, dict[str, dict[str, Any]]]:
-    return {"layers": {}, "images": {}}
+    return {section: {} for section in SECTIONS}
 
 
 def _one_line(error: str | None) -> str | None:
@@ -50,7 +53,7 @@ def _one_line(error: str | None) -> str | None:
 
 
 def load_state(root: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """{"layers": {hex: {...}}, "images": {id: {...}}}; empty when missing or unreadable."""
+    """{"layers": {hex: {...}}, "images": {id: {...}}, "blobs": {hex: {...}}}; empty when missing or unreadable."""
     try:
         raw = json.loads(state_path(root).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -94,6 +97,11 @@ def record_image(root: Path, snapshot_id: str, *, status: str, error: str | None
     _update(root, "images", snapshot_id, {"status": status, "error": _one_line(error), "time": time.time()})
 
 
+def record_blob(root: Path, layer_hex: str, **figures: int) -> None:
+    """What lazy serving did for one blob during this mount (fetched bytes, requests, chunks)."""
+    _update(root, "blobs", layer_hex, {**{k: int(v) for k, v in figures.items()}, "time": time.time()})
+
+
 class StateRecorder:
     """Records outcomes from the daemon's event loop: the file is written in a worker thread,
     and a failure to write it is logged, never fatal (state.json is a diagnostic aid)."""
@@ -106,6 +114,9 @@ class StateRecorder:
 
     async def image(self, snapshot_id: str, *, status: str, error: str | None = None) -> None:
         await self._write(record_image, snapshot_id, status=status, error=error)
+
+    async def blob(self, layer_hex: str, **figures: int) -> None:
+        await self._write(record_blob, layer_hex, **figures)
 
     async def _write(self, recorder: Callable[..., None], *args: object, **kwargs: object) -> None:
         import trio  # the daemon's loop; `stargzfs status` reads state without loading trio

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
 from stargzfs.errors import StargzfsError, UsageError
+from stargzfs.mountinfo import find_mount
 from stargzfs.fuse.ops import PassthroughOperations
 from stargzfs.fuse.provider import Provider
 from stargzfs.fuse.config import DaemonSettings
@@ -36,43 +36,6 @@ _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.
 
 class MountError(StargzfsError):
     """The mount could not be set up or torn down (the message says why); exit code 1."""
-
-
-# --------------------------------------------------------------------------- mount table
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: Path
-    fstype: str
-    source: str
-    device: str = ""  # "major:minor"
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def find_mount(path: Path) -> MountEntry | None:
-    """The top-most mount at exactly `path` (no symlink resolution of the last part)."""
-    wanted = os.path.abspath(path)
-    found: MountEntry | None = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
-        for line in handle:
-            left, _, right = line.partition(" - ")
-            parts, tail = left.split(), right.split()
-            if len(parts) < 5 or len(tail) < 2:
-                continue
-            if _unescape(parts[4]) == wanted:
-                found = MountEntry(Path(wanted), tail[0], _unescape(tail[1]), parts[2])
-    return found
 
 
 # --------------------------------------------------------------------------- checks

@@ -20,6 +20,7 @@ ROOT_NUMBER = 1
 
 RealKey = tuple[int, int]
 PlaceholderKey = tuple[str, int, int, str]
+VirtualKey = tuple[str, str]
 
 
 @dataclass(eq=False)
@@ -31,8 +32,9 @@ class Inode:
     is_symlink: bool = False
     top: str | None = None  # set when this inode is MNT/<top> itself
     placeholder: tuple[str, str] | None = None  # (top, name) of a listed-but-missing file
+    lazy: str | None = None  # "" for the lazy-files dir, else the name of a lazy file in it
     lookups: int = 0
-    key: RealKey | PlaceholderKey | None = field(default=None, repr=False)
+    key: RealKey | PlaceholderKey | VirtualKey | None = field(default=None, repr=False)
 
     @property
     def proc_path(self) -> str:
@@ -95,6 +97,17 @@ class InodeTable:
         if existing is not None:
             return existing
         inode = Inode(number=self._new_number(), placeholder=(top, name), key=key)
+        self._live[inode.number] = inode
+        self._by_key[key] = inode
+        return inode
+
+    def lazy(self, name: str) -> Inode:
+        """Inode of the provider's lazy-files dir (`name` "") or of one lazy file in it."""
+        key: VirtualKey = ("lazy", name)
+        existing = self._by_key.get(key)
+        if existing is not None:
+            return existing
+        inode = Inode(number=self._new_number(), lazy=name, key=key)
         self._live[inode.number] = inode
         self._by_key[key] = inode
         return inode

@@ -31,7 +31,7 @@ import trio
 
 from stargzfs.fdpath import open_dir_beneath, renameat2
 from stargzfs.fuse.inodes import ROOT_NUMBER, Inode, InodeTable
-from stargzfs.fuse.provider import Provider
+from stargzfs.fuse.provider import LazyFiles, Provider
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ class PassthroughOperations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_handle = 1
         self._known_tops: set[str] = set()
+        self._lazy: LazyFiles | None = provider if hasattr(provider, "lazy_files") else None  # type: ignore[assignment]
+        self._lazy_handles: dict[int, str] = {}
+        self._next_lazy_handle = 1 << 40  # never an fd number
         self._nursery: trio.Nursery | None = None
         self._kernel_notifications = False
         # Run once, on the first request: settings the kernel resets while handling
@@ -123,6 +126,9 @@ class PassthroughOperations(pyfuse3.Operations):
         bind = getattr(self.provider, "bind_notifier", None)
         if bind is not None:
             bind(self)
+        bind_nursery = getattr(self.provider, "bind_nursery", None)
+        if bind_nursery is not None:
+            bind_nursery(nursery)  # background work of the provider's own (prefetch) runs here
 
     def close(self) -> None:
         self.inodes.close_all()
@@ -222,6 +228,37 @@ class PassthroughOperations(pyfuse3.Operations):
         attrs.st_gid = self._root_stat.st_gid
         attrs.st_blksize = 4096
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
+        return attrs
+
+    def _lazy_attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """The lazy-files dir (read-only) or one of its files, whose size the provider knows."""
+        assert self._lazy is not None and inode.lazy is not None
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode.number
+        attrs.entry_timeout = self.entry_timeout
+        attrs.attr_timeout = self.attr_timeout
+        if inode.lazy == "":
+            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o555, 2
+        else:
+            size = self._lazy.lazy_files().get(inode.lazy)
+            if size is None:
+                raise _fail(errno.ENOENT)
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, size
+            attrs.st_blocks = (size + 511) // 512
+        attrs.st_uid = self._root_stat.st_uid
+        attrs.st_gid = self._root_stat.st_gid
+        attrs.st_blksize = 1 << 20
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
+        return attrs
+
+    def _lookup_lazy(self, name: str) -> pyfuse3.EntryAttributes:
+        """MNT/<lazy dir>/<name>: a lazy file while the provider offers it."""
+        assert self._lazy is not None
+        if name not in self._lazy.lazy_files():
+            raise _fail(errno.ENOENT)
+        inode = self.inodes.lazy(name)
+        attrs = self._lazy_attrs(inode)
+        self.inodes.ref(inode)
         return attrs
 
     def _entry(self, fd: int) -> tuple[Inode, pyfuse3.EntryAttributes]:
@@ -325,9 +362,15 @@ class PassthroughOperations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         text = os.fsdecode(name)
         if parent.number == ROOT_NUMBER:
+            if self._lazy is not None and text == self._lazy.lazy_dir:
+                lazy_dir = self.inodes.lazy("")
+                self.inodes.ref(lazy_dir)
+                return self._lazy_attrs(lazy_dir)
             inode, attrs = self._lookup_top(text, self._top_dirs())
             self.inodes.ref(inode)
             return attrs
+        if parent.lazy == "":
+            return self._lookup_lazy(text)
         if parent.fd is None:
             raise _fail(errno.ENOTDIR)
         top = parent.top
@@ -358,6 +401,8 @@ class PassthroughOperations(pyfuse3.Operations):
         node = self._inode(inode)
         if node.number == ROOT_NUMBER:
             return self._root_attrs()
+        if node.lazy is not None:
+            return self._lazy_attrs(node)
         return self._real_attrs(await self._backed(node))
 
     @_errno_boundary
@@ -372,6 +417,8 @@ class PassthroughOperations(pyfuse3.Operations):
         if node.number == ROOT_NUMBER:
             tops = dict(self._top_dirs())
             handle = _DirHandle(node, sorted(tops), tops=tops)
+        elif node.lazy == "" and self._lazy is not None:
+            handle = _DirHandle(node, sorted(self._lazy.lazy_files()))
         else:
             if node.fd is None:
                 raise _fail(errno.ENOTDIR)
@@ -404,6 +451,13 @@ class PassthroughOperations(pyfuse3.Operations):
                 return None
             return inode, attrs
         parent = handle.inode
+        if parent.lazy == "":
+            lazy = self.inodes.lazy(name)
+            try:
+                return lazy, self._lazy_attrs(lazy)
+            except pyfuse3.FUSEError:
+                self.inodes.drop_if_unused(lazy)
+                return None  # gone since opendir
         if parent.fd is None:
             return None
         try:
@@ -451,6 +505,8 @@ class PassthroughOperations(pyfuse3.Operations):
     @_errno_boundary
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         node = self._inode(inode)
+        if node.lazy is not None:
+            return await self._open_lazy(node, flags)
         if flags & _WRITE_FLAGS and not self.writable:
             raise _fail(errno.EROFS)
         node = await self._backed(node)
@@ -459,8 +515,25 @@ class PassthroughOperations(pyfuse3.Operations):
         fd = os.open(node.proc_path, (flags & ~_STRIP_ON_OPEN) | os.O_CLOEXEC)
         return pyfuse3.FileInfo(fh=fd)
 
+    async def _open_lazy(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
+        assert self._lazy is not None and node.lazy is not None
+        if node.lazy == "":
+            raise _fail(errno.EISDIR)
+        if flags & _WRITE_FLAGS:
+            raise _fail(errno.EROFS)  # provider-made bytes, even on a --rw mount
+        await self._lazy.open_lazy(node.lazy)
+        handle = self._next_lazy_handle
+        self._next_lazy_handle += 1
+        self._lazy_handles[handle] = node.lazy
+        # the bytes of a name never change while it exists: keep the kernel's pages across opens
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
     @_errno_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        lazy = self._lazy_handles.get(fh)
+        if lazy is not None:
+            assert self._lazy is not None
+            return await self._lazy.read_lazy(lazy, off, size)
         return os.pread(fh, size, off)
 
     @_errno_boundary
@@ -474,10 +547,13 @@ class PassthroughOperations(pyfuse3.Operations):
 
     @_errno_boundary
     async def release(self, fh: int) -> None:
-        os.close(fh)
+        if self._lazy_handles.pop(fh, None) is None:
+            os.close(fh)
 
     @_errno_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh in self._lazy_handles:
+            return
         if datasync:
             os.fdatasync(fh)
         else:

@@ -58,3 +58,26 @@ class ChangeNotifier(Protocol):
     def notify_changed(self, top: str, name: str) -> None:
         """Drop the kernel's cached entry/attributes for MNT/<top>/<name> and MNT/<top>."""
         ...
+
+
+class LazyFiles(Protocol):
+    """Optional: read-only files whose bytes the provider produces on demand (MNT/<dir>/<name>).
+
+    The directory is reached by lookup only (never listed in MNT/), so tools that list MNT/
+    see snapshots alone. Contents must never change for a name while it exists: the kernel
+    keeps their pages cached across opens.
+    """
+
+    lazy_dir: str  # e.g. ".blobs": a name no top dir can have
+
+    def lazy_files(self) -> Mapping[str, int]:
+        """name -> size in bytes; cheap, called on every lookup and listing of the dir."""
+        ...
+
+    async def open_lazy(self, name: str) -> None:
+        """A first open may start background work (prefetch); OSError refuses the open."""
+        ...
+
+    async def read_lazy(self, name: str, offset: int, size: int) -> bytes:
+        """Exactly the bytes at [offset, offset + size) (fewer only at the end), or OSError."""
+        ...

@@ -171,12 +171,8 @@ def _decode_chunk(word0: int, word1: int) -> ChunkMeta:
     )
 
 
-def decode_blob_meta(data: bytes) -> tuple[BlobMetaHeader, list[ChunkMeta]]:
-    """Parse a v2.1 blob.meta; the size checks catch truncated or foreign files.
-
-    Compressed sizes come back as stored: 16 MiB (all ones) for v2.1 stargz files, so
-    callers must not trust them.
-    """
+def _header(data: bytes) -> BlobMetaHeader:
+    """The checked trailer; the size checks catch truncated or foreign files."""
     if len(data) < HEADER_SIZE or len(data) % PAGE_SIZE:
         raise FormatError(f"blob.meta: size {len(data)} is not a non-zero multiple of {PAGE_SIZE} bytes")
     raw_header = data[-HEADER_SIZE:]
@@ -195,5 +191,25 @@ def decode_blob_meta(data: bytes) -> tuple[BlobMetaHeader, list[ChunkMeta]]:
         raise FormatError(
             f"blob.meta: {entries} entries at offset {ci_offset} need a {expected_size}-byte file, got {len(data)}"
         )
-    chunks = [_decode_chunk(w0, w1) for w0, w1 in _CHUNK_INFO.iter_unpack(data[:array_size])]
+    return header
+
+
+def decode_blob_meta(data: bytes) -> tuple[BlobMetaHeader, list[ChunkMeta]]:
+    """Parse a v2.1 blob.meta.
+
+    Compressed sizes come back as stored: 16 MiB (all ones) for v2.1 stargz files, so
+    callers must not trust them.
+    """
+    header = _header(data)
+    chunks = [_decode_chunk(w0, w1) for w0, w1 in _CHUNK_INFO.iter_unpack(data[: CHUNK_INFO_SIZE * header.ci_entries])]
     return header, chunks
+
+
+def uncompressed_extent(data: bytes) -> tuple[int, int]:
+    """(entries, end of the last chunk) without decoding every entry: entries are in chunk
+    index order, which is uncompressed-offset order, so the last one ends the blob."""
+    header = _header(data)
+    if not header.ci_entries:
+        return 0, 0
+    last = _decode_chunk(*_CHUNK_INFO.unpack_from(data, CHUNK_INFO_SIZE * (header.ci_entries - 1)))
+    return header.ci_entries, last.uncompressed_offset + last.uncompressed_size

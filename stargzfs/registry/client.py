@@ -428,10 +428,16 @@ class BlobReader:
 
         return await self._read(range_value, consume)
 
-    async def read_range(self, start: int, end: int) -> bytes:
-        """Exactly the bytes [start, end) of the blob."""
+    async def read_range(self, start: int, end: int, *, up_to_end: bool = False) -> bytes:
+        """Exactly the bytes [start, end) of the blob.
+
+        `up_to_end`: `end` is an estimate that may lie past the blob's end; the answer then
+        stops there (as HTTP allows), rather than failing and costing a second request.
+        """
         if start < 0 or end < start:
             raise ValueError(f"invalid range [{start}, {end})")
+        if up_to_end and self.size is not None:
+            end = min(end, self.size)
         if start == end:
             return b""
         if self.size is not None and end > self.size:
@@ -450,6 +456,8 @@ class BlobReader:
                 if total is not None:
                     self.size = total
                 if first == start and last < end - 1 and total is not None and last == total - 1:
+                    if up_to_end:
+                        return await self._read_exact(response, last - first + 1)
                     raise self._fail(f"range [{start}, {end}) is past the end of the blob (size {total})")
                 if first != start or last != end - 1:
                     raise self._fail(
@@ -457,7 +465,7 @@ class BlobReader:
                     )
                 return await self._read_exact(response, end - start)
             if status == 200:
-                return await self._slice_full_body(response, start, end)
+                return await self._slice_full_body(response, start, end, up_to_end=up_to_end)
             raise self._fail(f"{range_value}: unexpected HTTP {status}", status)
 
         return await self._read(range_value, consume)
@@ -560,11 +568,13 @@ class BlobReader:
         if declared is not None and declared.strip().isdigit() and int(declared) != received:
             raise _Retryable(f"truncated body: got {received} of {declared} bytes")
 
-    async def _slice_full_body(self, response: httpx.Response, start: int, end: int) -> bytes:
+    async def _slice_full_body(self, response: httpx.Response, start: int, end: int, *, up_to_end: bool = False) -> bytes:
         """A 200 answered our range with the whole blob: stream to `end`, keep [start, end)."""
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.strip().isdigit():
             self.size = int(declared)
+            if up_to_end:
+                end = min(end, self.size)
             if end > self.size:
                 raise self._fail(f"range [{start}, {end}) is past the end of the blob (size {self.size})")
         kept = bytearray()
@@ -578,4 +588,6 @@ class BlobReader:
                 return bytes(kept)  # the rest of the body is not needed; closing drops it
         self._check_full_length(response, offset)
         self.size = offset
+        if up_to_end and start < offset:
+            return bytes(kept)
         raise self._fail(f"range [{start}, {end}) is past the end of the blob (size {offset})")

@@ -48,6 +48,16 @@ def blob_meta_name(layer_hex: str) -> str:
     return f"{layer_hex}{BLOB_META_SUFFIX}"
 
 
+def chunk_map_name(layer_hex: str) -> str:
+    """nydusd's blobcache bitmap beside the cache file `<hex>` (blobcache.md)."""
+    return f"{layer_hex}.chunk_map"
+
+
+def blob_index_name(layer_hex: str) -> str:
+    """What lazy serving needs from the TOC (stargzfs.rafs.blobindex), beside the blobcache."""
+    return f"{layer_hex}.stargzfs-index"
+
+
 def layer_output_names(layer_hex: str, *, with_blob_meta: bool) -> list[str]:
     """What one layer conversion leaves in the snapshot's fs dir, the bootstrap (completion) last."""
     names = [TOC_FILE]
@@ -88,7 +98,8 @@ def merge_temp_name() -> str:
 def _is_output_name(name: str) -> bool:
     if name in (IMAGE_BOOT, TOC_FILE) or is_layer_hex(name):
         return True
-    return name.endswith(BLOB_META_SUFFIX) and is_layer_hex(name[: -len(BLOB_META_SUFFIX)])
+    stem, dot, suffix = name.partition(".")
+    return bool(dot) and is_layer_hex(stem) and f".{suffix}" in (BLOB_META_SUFFIX, ".chunk_map", ".stargzfs-index")
 
 
 def is_temp_name(name: str) -> bool:
