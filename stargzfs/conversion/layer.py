@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import trio
 
+from stargzfs import metrics
 from stargzfs.conversion.builder import Builder, BuilderFailed, run_builder
 from stargzfs.conversion.errors import ConversionError, NotConvertible
 from stargzfs.conversion.gate import ConversionGate
@@ -47,6 +48,7 @@ class LayerJob:
     blob_meta_fd: int  # cache dir (fusedev) or the fs dir (fscache)
 
 
+@metrics.timed("toc_fetch")
 async def fetch_layer_toc(
     candidate: LayerCandidate, *, client: RegistryClient, credentials: CredentialCache
 ) -> TocResult:
@@ -68,6 +70,7 @@ async def fetch_layer_toc(
         raise ConversionError(f"fetching TOC: {exc.strerror or exc}") from None
 
 
+@metrics.timed("build")
 async def build_layer(job: LayerJob, result: TocResult, *, builder: Builder, builder_slots: trio.CapacityLimiter) -> None:
     """Write the TOC, run the builder on it, publish `<hex>` (OSError: this snapshot's dirs)."""
     layer_hex = job.candidate.layer_hex
@@ -287,14 +290,17 @@ class LayerConverter:
             )
         except NotConvertible as exc:
             reason = str(exc)
+            metrics.CONVERSIONS.labels("not_estargz").inc()
             self.gate.refuse(key, reason)
             log.info("snapshot %s layer %s: %s", snapshot_id, layer_hex[:12], reason)
             await self.recorder.layer(layer_hex, status="not-estargz", error=reason, snapshot_id=snapshot_id)
             raise OSError(errno.ENOENT, reason) from None
         except OSError as exc:  # this snapshot's dir, not the layer: no digest-wide backoff
+            metrics.CONVERSIONS.labels("error").inc()
             detail = f"layer sha256:{layer_hex}: writing outputs: {exc.strerror or exc}"
             raise await self._local_failure(candidate, detail) from None
         except StargzfsError as exc:
+            metrics.CONVERSIONS.labels("error").inc()
             detail = str(exc)
             # registry errors already name the blob: the digest appears once in the message
             prefix = f"snapshot {snapshot_id}" if layer_hex in detail else f"snapshot {snapshot_id} layer sha256:{layer_hex}"
@@ -306,8 +312,10 @@ class LayerConverter:
         self.gate.succeeded(key)
         self._sources[layer_hex] = snapshot_id
         if created:
+            metrics.CONVERSIONS.labels("converted").inc()
             self.conversions += 1
             self.changed(snapshot_id, *self.outputs(layer_hex))
             log.info("snapshot %s: converted layer %s in %.2fs", snapshot_id, layer_hex[:12], time.monotonic() - started)
-            await self.recorder.layer(layer_hex, status="converted", snapshot_id=snapshot_id)
+            await self.recorder.layer(layer_hex, status="converted", snapshot_id=snapshot_id,
+                                      seconds=time.monotonic() - started, toc_bytes=getattr(lstat_at(fs_fd, layout.TOC_FILE), "st_size", None))
 

@@ -17,7 +17,7 @@ import trio
 from stargzfs import cliutil
 from stargzfs.errors import UsageError
 from stargzfs.estargz.toc import Toc, parse_toc
-from stargzfs.rafs.materialize import COMPRESSIONS, MaterializeResult, materialize
+from stargzfs.rafs.materialize import COMPRESSIONS, MaterializeResult, Progress, materialize
 
 _BLOB_URL = re.compile(r"^(?P<scheme>https?)://(?P<host>[^/]+)/v2/(?P<repo>.+)/blobs/(?P<digest>[a-z0-9]+:[0-9a-fA-F]+)$")
 DEFAULT_REGISTRY_TIMEOUT = 15.0  # = RegistryConfig.timeout; not imported so `--help` stays cheap
@@ -44,6 +44,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--compressor", choices=COMPRESSIONS, help="blob compression (default: detected from the data)"
     )
     cliutil.add_registry_options(parser, timeout=DEFAULT_REGISTRY_TIMEOUT, retries=DEFAULT_REGISTRY_RETRIES)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     parser.set_defaults(func=run)
 
 
@@ -78,27 +79,27 @@ async def _materialize_remote(
     toc: Toc | None,
     compressor: str | None,
     *,
-    insecure: list[str],
-    timeout: float,
-    retries: int,
+    config: Any,
+    progress: Progress | None,
 ) -> MaterializeResult:
-    from stargzfs.registry.client import RegistryClient, RegistryConfig
+    from stargzfs.registry.client import RegistryClient
 
-    config = RegistryConfig(insecure_hosts=tuple(insecure), timeout=timeout, retries=retries)
     async with RegistryClient(config) as client:
         reader = client.blob(ref, digest)
-        return await materialize(blob_meta, reader, output, toc=toc, compression=compressor)
+        return await materialize(blob_meta, reader, output, toc=toc, compression=compressor, progress=progress)
 
 
 async def _materialize_file(
-    blob_meta: bytes, path: Path, output: Path, toc: Toc | None, compressor: str | None
+    blob_meta: bytes, path: Path, output: Path, toc: Toc | None, compressor: str | None, progress: Progress | None
 ) -> MaterializeResult:
     from stargzfs.estargz.fetch import FileRangeReader
 
     if not path.is_file():
         raise UsageError(f"--blob {path} is not a readable file (nor a URL or REF@DIGEST)")
     reader = FileRangeReader(path)
-    return await materialize(blob_meta, reader, output, toc=toc, compression=compressor, blob_size=path.stat().st_size)
+    return await materialize(
+        blob_meta, reader, output, toc=toc, compression=compressor, blob_size=path.stat().st_size, progress=progress
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,25 +107,28 @@ def run(args: argparse.Namespace) -> int:
     toc = parse_toc(_read_input(args.toc, "--toc")) if args.toc else None
     output: Path = args.output  # a missing or read-only directory is an OutputError (exit 1) when written
     remote = _remote_source(args.blob)
+    bar = cliutil.ProgressBar.for_stderr(quiet=args.quiet)
+    progress = bar.update if bar is not None else None
     job: Callable[[], Any]
     if remote is not None:
         ref, digest, plain_http = remote
-        insecure = list(args.insecure_registry)
-        if plain_http:
-            insecure.append(ref.split("/", 1)[0])
+        config = cliutil.registry_config(args, [ref.split("/", 1)[0]] if plain_http else [])
 
         async def job() -> MaterializeResult:
             return await _materialize_remote(
-                blob_meta, ref, digest, output, toc, args.compressor,
-                insecure=insecure, timeout=args.registry_timeout, retries=args.registry_retries,
+                blob_meta, ref, digest, output, toc, args.compressor, config=config, progress=progress
             )
 
     else:
 
         async def job() -> MaterializeResult:
-            return await _materialize_file(blob_meta, Path(args.blob), output, toc, args.compressor)
+            return await _materialize_file(blob_meta, Path(args.blob), output, toc, args.compressor, progress)
 
-    result: MaterializeResult = trio.run(job)
+    try:
+        result: MaterializeResult = trio.run(job)
+    finally:
+        if bar is not None:
+            bar.finish()
     print(
         f"{result.output}: {result.size} bytes, {result.chunks} chunks ({result.verified} verified), "
         f"{result.compression}, {result.requests} range reads, {result.bytes_fetched} bytes fetched"

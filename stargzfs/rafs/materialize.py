@@ -13,7 +13,7 @@ ranges are fetched together so a registry sees few, large range requests.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +30,7 @@ PAGE_SIZE = 4096
 MAX_SPAN = 32 << 20  # bytes fetched per range request at most (unless one chunk needs more)
 MAX_GAP = 1 << 20  # unused bytes we accept reading to save a request
 COMPRESSIONS = CODEC_NAMES
+Progress = Callable[[int, int], None]  # (bytes fetched so far, bytes to fetch in all)
 
 
 class RangeReader(Protocol):
@@ -187,10 +188,12 @@ async def materialize(
     toc: Toc | None = None,
     compression: str | None = None,
     blob_size: int | None = None,
+    progress: Progress | None = None,
 ) -> MaterializeResult:
     """Build the cache file at `output` (temp file + rename: nothing partial on failure).
 
-    `compression` None means detect it from the first chunk's magic bytes.
+    `compression` None means detect it from the first chunk's magic bytes; `progress` hears
+    after every range read how many of the planned bytes have arrived.
     """
     codec: Codec | None = None
     if compression is not None:
@@ -204,11 +207,17 @@ async def materialize(
     file_size = _round_up(max((c.uncompressed_offset + c.uncompressed_size for c in chunks), default=0), PAGE_SIZE)
     output = Path(output)
     requests = fetched = verified = 0
+    spans = list(_spans(jobs))
+    planned = sum(end - start for start, end, _ in spans)
+    if progress is not None:
+        progress(0, planned)
     with atomic_output(output) as handle:
-        for start, end, group in _spans(jobs):
+        for start, end, group in spans:
             data = await reader.read_range(start, end)
             requests += 1
             fetched += len(data)
+            if progress is not None:
+                progress(fetched, planned)
             if len(data) != end - start:
                 raise FormatError(f"blob read [{start}, {end}) returned {len(data)} bytes")
             view = memoryview(data)
