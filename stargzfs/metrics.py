@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -117,16 +118,17 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+class _IPv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """`/metrics` in Prometheus text format. `bind` in the parent (so a taken port fails the
     command), `start` where it should serve (a forked daemon starts its own thread)."""
 
     def __init__(self, address: str) -> None:
         host, port = parse_address(address)
-        if ":" in host:
-            server_class = type("ThreadingWSGIServer6", (ThreadingWSGIServer,), {"address_family": 10})
-        else:
-            server_class = ThreadingWSGIServer
+        server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
         try:
             self._server = make_server(host, port, make_wsgi_app(), server_class, handler_class=_QuietHandler)
         except OSError as exc:

@@ -31,7 +31,6 @@ from typing import TypeVar
 import anyio
 import httpx
 
-from stargzfs import metrics
 from stargzfs.digest import validate_digest
 from stargzfs.errors import RegistryError
 from stargzfs.registry.auth import AuthState, RegistryAuth

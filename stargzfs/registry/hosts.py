@@ -220,7 +220,7 @@ def _endpoint(
 def _split_url(
     path: Path, where: str, url: str, override_path: bool, insecure_hosts: Collection[str]
 ) -> tuple[str, str, str]:
-    explicit = url.startswith(("http://", "https://"))
+    explicit = "://" in url
     parts = urlsplit(url if explicit else f"https://{url}")
     problem = None
     if parts.scheme not in ("http", "https") or not parts.netloc:

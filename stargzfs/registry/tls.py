@@ -33,8 +33,8 @@ _ALERT_REASONS = {
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate",
     "SSLV3_ALERT_HANDSHAKE_FAILURE": "handshake refused (a client certificate may be required)",
     "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust our client certificate",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused our client certificate",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the server refused our client certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "client certificate missing or refused (the server requires one it trusts)",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "client certificate missing or refused (the server requires one it trusts)",
     "WRONG_VERSION_NUMBER": "the server does not speak TLS (plain HTTP?)",
     "RECORD_LAYER_FAILURE": "the server does not speak TLS (plain HTTP?)",
 }

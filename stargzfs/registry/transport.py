@@ -161,9 +161,12 @@ def count_failure(url: httpx.URL, failure: HostFailure) -> None:
     metrics.REGISTRY_ERRORS.labels(_host_label(url), failure.kind).inc()
 
 
-def _no_cookies() -> httpx.Cookies:
-    """A jar that keeps nothing: one client serves every registry and credential set."""
-    return httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+def _no_cookies() -> CookieJar:
+    """A jar that keeps nothing: one client serves every registry and credential set.
+
+    (A jar, not an httpx.Cookies: httpx copies the cookies of a Cookies into a jar of its own.)
+    """
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 class HttpPool:
