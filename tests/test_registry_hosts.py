@@ -238,7 +238,7 @@ async def test_credentials_are_looked_up_for_the_host_contacted(
 ) -> None:
     digest, data = blob
     front = fault_proxy_factory(registry.host)  # "the registry" of the reference
-    mirror = fault_proxy_factory(registry.host, host="localhost")
+    mirror = fault_proxy_factory(registry.host, "require-basic", host="localhost")
     hosts = write_hosts(tmp_path / "certs.d", front.host, f"""
 [host."{mirror.url}"]
   capabilities = ["pull"]
@@ -247,20 +247,23 @@ async def test_credentials_are_looked_up_for_the_host_contacted(
 """)
     docker = tmp_path / "docker"
     docker.mkdir()
-    (docker / "config.json").write_text(json.dumps({"auths": {mirror.host: {"auth": b64("mirror-user:mirror-pass")}}}))
-    label = Credentials("label-user", "label-secret-for-the-registry-only")
+    mirror_basic = b64("mirror-user:mirror-pass")
+    (docker / "config.json").write_text(json.dumps({"auths": {mirror.host: {"auth": mirror_basic}}}))
+    # token mode sends the label's secret up front, which shows where it goes
+    label = Credentials("", "label-secret-for-the-registry-only")
     config = RegistryConfig(hosts_dir=hosts, docker_config=docker / "config.json", **FAST)
     async with RegistryClient(config) as client:
-        # the registry answers anonymously, so a 401 never makes the client send credentials;
-        # token mode sends the secret at once, which shows where it goes
-        token = Credentials("", label.secret)
-        assert await client.blob(f"{front.host}/{REPOSITORY}:latest", digest, credentials=token).read_range(0, 4) \
-            == data[:4]
+        first = client.blob(f"{front.host}/{REPOSITORY}:latest", digest, credentials=label, resolved=True)
+        assert await first.read_range(0, 4) == data[:4]
         mirror.fault = "503"
-        assert await client.blob(f"{front.host}/{REPOSITORY}:latest", digest, credentials=token).read_range(4, 8) \
-            == data[4:8]
-    assert mirror.seen[0].headers.get("X-Mirror-Route") == "from-hosts-toml"
-    assert all(label.secret not in json.dumps(seen.headers) for seen in mirror.seen)
+        second = client.blob(f"{front.host}/{REPOSITORY}:latest", digest, credentials=label, resolved=True)
+        assert await second.read_range(4, 8) == data[4:8]
+    assert (first.host, second.host) == (mirror.host, front.host)
+    # the mirror challenged, then got the credentials docker's config holds for the mirror's host
+    assert [seen.headers.get("Authorization") for seen in mirror.seen] == [None, f"Basic {mirror_basic}",
+                                                                          f"Basic {mirror_basic}"]
+    assert all(seen.headers.get("X-Mirror-Route") == "from-hosts-toml" for seen in mirror.seen)
+    # the label's secret went to the registry only, and the mirror's header did not
     assert [seen.headers.get("Authorization") for seen in front.seen] == [f"Bearer {label.secret}"]
     assert "X-Mirror-Route" not in front.seen[0].headers
 

@@ -158,3 +158,29 @@ def test_unusable_ca_file_is_a_usage_error(
     code = main(["toc", tls_world.ref(tls_world.good), tls_world.digest, "--hosts-dir", str(hosts)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and complaint in err and "broken.pem" in err
+
+
+def test_mount_gives_eio_naming_the_tls_reason_then_converts_with_the_ca(
+    tls_world: TlsWorld, registry: RegistryProcess, registry_factory, containerd, image_cache, snapdb,  # type: ignore[no-untyped-def]
+    daemons, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    import errno
+
+    from support.snapshot_root import ChainLayer, SnapshotRoot, hex_of, lstat_errno, status, write_root
+    from support.stacks import stacked_image
+
+    image = stacked_image(image_cache, containerd, registry, "gzip")
+    certificate = tls_world.pki.issue("mount")
+    https = registry_factory(tls=RegistryTls(certificate.cert, certificate.key, tls_world.pki.client_context()),
+                             seed_from=registry)  # seeded now that the image exists
+    layer = image.layers[0]
+    ref = f"{https.host}/{image.repository}:{image.tag}"
+    root = SnapshotRoot(tmp_path / "root", write_root(snapdb, tmp_path / "root",
+                                                      {"a": [ChainLayer(ref, layer.digest, layer.toc_digest)],
+                                                       "b": [ChainLayer(ref, layer.digest, layer.toc_digest)]}))
+    untrusted = daemons(root.root, "--hosts-dir", hosts_dir(tmp_path / "no-ca", https), "--registry-retries", "0")
+    assert lstat_errno(untrusted.mountpoint / root.sid("a") / hex_of(layer.digest)) == errno.EIO
+    error = status(root.root)[root.sid("a")]["layer_error"]
+    assert f"TLS with {https.host}: certificate not trusted: unknown CA" in error
+    trusted = daemons(root.root, "--hosts-dir", hosts_dir(tmp_path / "ca", https, f'ca = "{tls_world.pki.ca}"\n'))
+    assert lstat_errno(trusted.mountpoint / root.sid("b") / hex_of(layer.digest)) == 0

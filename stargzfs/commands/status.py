@@ -2,8 +2,9 @@
 
 One row per snapshot in ROOT/metadata.db (read lock-free while the snapshotter runs):
 whether it is an eStargz candidate, which converted artefacts exist in its fs dir,
-where its blob.meta lives (fusedev cache dir or fscache fs dir) and the last error
-the mount recorded in ROOT/stargzfs/state.json. Label values are never printed
+where its blob.meta lives (fusedev cache dir or fscache fs dir), how long its layer's
+conversion took and how large its TOC was, and the last error the mount recorded in
+ROOT/stargzfs/state.json. Label values are never printed
 except the image ref and digests (labels may carry registry credentials).
 """
 

@@ -20,6 +20,8 @@ Every answer that is not a fault is the upstream's own. Faults (a default for ev
 - `truncate`: half the body, then close.
 - `set-cookie`: forward, adding a Set-Cookie header whose value is COOKIE.
 - `endless-401`: 401 with a Basic challenge and a body that never ends (no Content-Length).
+- `require-basic`: 401 with a Basic challenge unless the request carries Basic credentials
+  (which are not checked: `seen` shows what was sent); then forward.
 
 `fault_proxy_factory` is the fixture form: proxies it starts are stopped at teardown.
 """
@@ -122,6 +124,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self._reply(307, {"Location": f"{argument}{self.path}?{query}"}, b"")
             elif kind == "endless-401":
                 self._endless_401()
+            elif kind == "require-basic" and not self.headers.get("Authorization", "").startswith("Basic "):
+                self._reply(401, {"WWW-Authenticate": 'Basic realm="fault-proxy"'}, b"credentials, please")
             else:
                 self._forward(kind, argument)
 
