@@ -121,7 +121,7 @@ async def test_token_request_has_a_deadline(
         with pytest.raises(RegistryError) as caught:
             await client.blob(ref(token_registry.host), blob[0], credentials=Credentials("alice", PASSWORD)).read_tail(10)
     assert time.monotonic() - started < SANITY_BOUND
-    assert f"token answer from 127.0.0.1 not complete within 1s" in str(caught.value)
+    assert "token answer from 127.0.0.1 not complete within 1s" in str(caught.value)
     assert len(tokens.requests) == 1 and PASSWORD not in str(caught.value)
 
 
