@@ -5,20 +5,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from types import ModuleType
+from typing import Any, NoReturn
 
 from stargzfs.errors import StargzfsError
 
 
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
+def _positive_number(unit: str) -> Callable[[str], float]:
+    """An argparse type for a positive, finite number of `unit`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of {unit}")
+        return value
+
+    return parse
+
+
+positive_seconds = _positive_number("seconds")
+positive_rate = _positive_number("bytes per second")
 
 
 def non_negative_int(text: str) -> int:
@@ -31,29 +42,94 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def path_argument(text: str) -> Path:
+    """A path from the command line; a NUL byte can never name a file."""
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} contains a NUL byte")
+    return Path(text)
+
+
+# The registry defaults every command shares (= RegistryConfig's, which `--help` must not import).
+DEFAULT_AUTH_TIMEOUT = 10.0
+DEFAULT_MIN_RATE = 16 * 1024.0
+DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
+
+
 def add_registry_options(
-    parser: argparse.ArgumentParser, *, timeout: float, retries: int, timeout_aliases: Sequence[str] = ()
+    parser: argparse.ArgumentParser,
+    *,
+    timeout: float,
+    retries: int,
+    timeout_aliases: Sequence[str] = (),
+    from_settings: bool = False,
 ) -> None:
-    """--insecure-registry, --registry-timeout and --registry-retries, the same for every command."""
+    """Registry options, the same for every command. `from_settings`: leave unset options None so
+    a config file can supply them (`stargzfs mount`); the defaults shown are the effective ones."""
+
+    def default(value: float) -> float | None:
+        return None if from_settings else value
+
+    # With settings, a value is checked (and named in errors) by MountSettings.validated, the
+    # same as when it comes from a config file.
+    seconds, count, rate = (float, int, float) if from_settings else (positive_seconds, non_negative_int, positive_rate)
+
     parser.add_argument(
         "--insecure-registry", metavar="HOST", action="append", default=[],
         help="talk plain HTTP to HOST[:PORT] (repeatable; localhost and private IPs need not be listed)",
     )
     parser.add_argument(
+        "--hosts-dir", metavar="DIR", type=path_argument, default=None,
+        help="containerd hosts directory: <registry>/hosts.toml names mirrors, CAs, client certificates "
+        f"(default {DEFAULT_HOSTS_DIR} when it exists)",
+    )
+    parser.add_argument(
         "--registry-timeout", *timeout_aliases, dest="registry_timeout", metavar="SECONDS",
-        type=positive_seconds, default=timeout,
+        type=seconds, default=default(timeout),
         help="seconds to wait for a registry answer and for each gap in its body, per attempt "
         f"(default {timeout:g}); a slow link only needs data to keep flowing",
     )
     parser.add_argument(
-        "--registry-retries", metavar="N", type=non_negative_int, default=retries,
+        "--registry-retries", metavar="N", type=count, default=default(retries),
         help=f"extra attempts after a failed registry request (default {retries})",
     )
+    parser.add_argument(
+        "--registry-min-rate", metavar="BYTES_PER_S", type=rate, default=default(DEFAULT_MIN_RATE),
+        help="slowest transfer accepted: a request must end within timeout + size / rate "
+        f"(default {DEFAULT_MIN_RATE:g})",
+    )
+    parser.add_argument(
+        "--auth-timeout", metavar="SECONDS", type=seconds, default=default(DEFAULT_AUTH_TIMEOUT),
+        help=f"limit for one token request to the registry's auth realm (default {DEFAULT_AUTH_TIMEOUT:g})",
+    )
+
+
+def registry_config(args: argparse.Namespace, extra_insecure: Sequence[str] = ()) -> Any:
+    """The RegistryConfig of a one-shot command's registry options (imported here: `--help` stays cheap)."""
+    from stargzfs.registry import RegistryConfig
+    from stargzfs.registry.hosts import default_hosts_dir
+    from stargzfs.registry.reference import validate_registry_host
+
+    insecure = [validate_registry_host(host, "--insecure-registry") for host in args.insecure_registry]
+    return RegistryConfig(
+        insecure_hosts=tuple(insecure) + tuple(extra_insecure),
+        timeout=args.registry_timeout,
+        retries=args.registry_retries,
+        auth_timeout=args.auth_timeout,
+        min_rate=args.registry_min_rate,
+        hosts_dir=args.hosts_dir if args.hosts_dir is not None else default_hosts_dir(),
+    )
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line naming what was wrong, exit 2 (argparse adds the usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {' '.join(message.split())}\n")
 
 
 def build_parser(prog: str, description: str, version: str, modules: Iterable[ModuleType]) -> argparse.ArgumentParser:
     """A parser whose sub-commands come from modules exposing register(subparsers)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in modules:
@@ -80,3 +156,49 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         # without a traceback, and keep the interpreter's final flush from raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+class ProgressBar:
+    """`[#####.....] 12.0 MiB / 40.0 MiB  30%` redrawn in place on a terminal's stderr."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: Any, min_interval: float = 0.1) -> None:
+        self._stream = stream
+        self._min_interval = min_interval
+        self._last_draw = 0.0
+        self._drawn = False
+
+    @classmethod
+    def for_stderr(cls, *, quiet: bool) -> "ProgressBar | None":
+        """A bar only where someone watches: stderr is a terminal and --quiet was not given."""
+        if quiet or not sys.stderr.isatty():
+            return None
+        return cls(sys.stderr)
+
+    def update(self, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if done < total and now - self._last_draw < self._min_interval:
+            return
+        self._last_draw = now
+        fraction = done / total if total > 0 else 1.0
+        filled = int(fraction * self.WIDTH)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self._stream.write(f"\r[{bar}] {human_bytes(done)} / {human_bytes(total)} {fraction:4.0%}")
+        self._stream.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()

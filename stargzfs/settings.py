@@ -30,12 +30,19 @@ a `[stargzfs]` table, whose keys are checked strictly.
 | registry_timeout     | `[stargzfs] registry_timeout`    | `--registry-timeout`    | 10.0 s (per attempt)     |
 | registry_retries     | `[stargzfs] registry_retries`    | `--registry-retries`    | 3 (extra attempts)       |
 | auth_timeout         | `[stargzfs] auth_timeout`        | `--auth-timeout`        | 10.0 s (token request)   |
+| registry_min_rate    | `[stargzfs] registry_min_rate`   | `--registry-min-rate`   | 16384 bytes/s            |
+| hosts_dir            | `[remote.mirrors_config] dir`    | `--hosts-dir`           | /etc/containerd/certs.d if it exists |
+| metrics_address      | `[metrics] address`              | `--metrics-address`     | none (no endpoint)       |
 
 registry_timeout bounds, per attempt, the wait for a registry's answer and each silence in its
 body (not the whole transfer, so large reads work on slow links); a request that
 times out, cannot connect or gets a 5xx is tried again up to registry_retries more times
 with a short doubling pause (0.2 s, 0.4 s, ...), so a lookup against a registry that never
-answers fails with EIO after about (registry_retries + 1) x registry_timeout.
+answers fails with EIO after about (registry_retries + 1) x registry_timeout. Whatever the
+answer's pace, one request to one host ends within registry_timeout + bytes / registry_min_rate
+(a trickling server cannot hold a conversion). hosts_dir is containerd's certs.d tree
+(hosts.toml per registry: mirrors, CAs, client certificates; see stargzfs.registry.hosts).
+metrics_address `[HOST]:PORT` serves Prometheus metrics at /metrics (`:PORT` = loopback only).
 
 Each builder subprocess (which parses the untrusted TOC) runs under RLIMIT_AS =
 builder_memory_mib and RLIMIT_CPU = builder_cpu_seconds, so a hostile TOC can only fail
@@ -88,6 +95,17 @@ class MountSettings:
     registry_timeout: float = 10.0
     registry_retries: int = 3
     auth_timeout: float = 10.0
+    registry_min_rate: float = float(16 * 1024)  # = stargzfs.registry.transport.DEFAULT_MIN_RATE
+    hosts_dir: Path | None = None  # None -> /etc/containerd/certs.d when it exists
+    metrics_address: str | None = None
+
+    @property
+    def effective_hosts_dir(self) -> Path | None:
+        if self.hosts_dir is not None:
+            return self.hosts_dir
+        from stargzfs.registry.hosts import default_hosts_dir
+
+        return default_hosts_dir()
 
     @property
     def effective_cache_dir(self) -> Path:
@@ -125,6 +143,16 @@ class MountSettings:
                 raise UsageError(f"{name} must be a positive number of seconds, not {getattr(self, name)}")
         if self.registry_retries < 0:
             raise UsageError(f"registry_retries must be >= 0, not {self.registry_retries}")
+        if not 0 < self.registry_min_rate < math.inf:
+            raise UsageError(f"registry_min_rate must be a positive number of bytes/s, not {self.registry_min_rate}")
+        from stargzfs.registry.reference import validate_registry_host
+
+        for host in self.insecure_registries:
+            validate_registry_host(host, "insecure registry")
+        if self.metrics_address is not None:
+            from stargzfs.metrics import parse_address
+
+            parse_address(self.metrics_address)
         return self
 
 
@@ -135,28 +163,33 @@ _SNAPSHOTTER_KEYS: dict[tuple[str, ...], str] = {
     ("daemon", "fs_driver"): "fs_driver",
     ("daemon", "nydusimage_path"): "nydus_image",
     ("log", "level"): "log_level",
+    ("remote", "mirrors_config", "dir"): "hosts_dir",
+    ("metrics", "address"): "metrics_address",
 }
 _STARGZFS_KEYS = (
-    "mountpoint", "foreground", "rw", "prefetch", "background_fetch", "log_file", "insecure_registries", "fuse_options",
-    "max_builders", "builder_memory_mib", "builder_cpu_seconds", "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max",
-    "registry_timeout", "registry_retries", "auth_timeout",
+    "mountpoint", "foreground", "rw", "prefetch", "background_fetch", "log_file", "insecure_registries",
+    "fuse_options", "max_builders", "builder_memory_mib", "builder_cpu_seconds", "entry_timeout", "attr_timeout",
+    "retry_backoff", "retry_backoff_max", "registry_timeout", "registry_retries", "auth_timeout", "registry_min_rate",
 )
-_PATH_FIELDS = {"root", "mountpoint", "cache_dir", "nydus_image", "log_file"}
+_PATH_FIELDS = {"root", "mountpoint", "cache_dir", "nydus_image", "log_file", "hosts_dir"}
 _BOOL_FIELDS = {"foreground", "rw", "prefetch", "background_fetch"}
 _LIST_FIELDS = {"insecure_registries", "fuse_options"}
 _INT_FIELDS = {"max_builders", "builder_memory_mib", "builder_cpu_seconds", "registry_retries"}
 _FLOAT_FIELDS = {
     "entry_timeout", "attr_timeout", "retry_backoff", "retry_backoff_max", "registry_timeout", "auth_timeout",
+    "registry_min_rate",
 }
 
 
 def _convert(key: str, name: str, value: Any) -> Any:
     """Type-check one config value; `key` is how the user wrote it, for the error."""
-    if isinstance(value, str) and "\0" in value or isinstance(value, list) and any("\0" in str(v) for v in value):
+    if isinstance(value, list) and any("\0" in str(v) for v in value):
         raise UsageError(f"config key {key} contains a NUL byte")
-    if name in _PATH_FIELDS or name in ("fs_driver", "log_level"):
+    if name in _PATH_FIELDS or name in ("fs_driver", "log_level", "metrics_address"):
         if not isinstance(value, str):
             raise UsageError(f"config key {key} must be a string")
+        if "\0" in value:
+            raise UsageError(f"config key {key} contains a NUL byte")
         if value == "":
             return None
         return Path(value) if name in _PATH_FIELDS else value.lower()
@@ -227,6 +260,8 @@ def build_settings(cli: dict[str, Any], config: Path | None = None) -> MountSett
         raise AssertionError(f"not settings: {sorted(unknown)}")  # programming error
     for name in _PATH_FIELDS:
         value = merged.get(name)
+        if value is not None and "\0" in str(value):
+            raise UsageError(f"{name} {str(value)!r} contains a NUL byte")
         if value is None or (name == "nydus_image" and "/" not in str(value)):
             continue  # a bare builder name is looked up on PATH when it runs
         merged[name] = Path(os.path.abspath(Path(value).expanduser()))

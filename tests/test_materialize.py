@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,11 +206,10 @@ def small_image(containerd, registry, image_cache):  # type: ignore[no-untyped-d
     )
 
 
-def test_registry_url_source_few_requests(small_image, registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """URL source through the registry client: chunkDigests verified, one range request."""
+def layer_inputs(layer, tmp_path: Path) -> tuple[Path, Path, Path]:  # type: ignore[no-untyped-def]
+    """(blob file, TOC file, blob.meta) of a pushed layer, read from the registry's disk."""
     from stargzfs.estargz.fetch import read_toc_file
 
-    layer = small_image.layers[0]
     blob_file = tmp_path / "blob"
     blob_file.write_bytes(layer.blob())
     toc = read_toc_file(blob_file).toc
@@ -217,6 +217,13 @@ def test_registry_url_source_few_requests(small_image, registry, tmp_path: Path)
     toc_path.write_bytes(toc.raw)
     meta = tmp_path / "meta"
     meta.write_bytes(encode_blob_meta(chunks_in_v2_1_order(toc)))
+    return blob_file, toc_path, meta
+
+
+def test_registry_url_source_few_requests(small_image, registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """URL source through the registry client: chunkDigests verified, one range request."""
+    layer = small_image.layers[0]
+    blob_file, toc_path, meta = layer_inputs(layer, tmp_path)
     from_url, from_file = tmp_path / "url.dev", tmp_path / "file.dev"
     mark = registry.mark()
     assert run_materialize("--blob-meta", meta, "--blob", layer.url, "-o", from_url, "--toc", toc_path) == 0
@@ -277,3 +284,46 @@ def test_bad_registry_flags_exit_2(flag: str, value: str, lower: tuple[Toc, Path
     with pytest.raises(SystemExit) as exited:
         run_materialize("--blob-meta", meta, "--blob", LOWER_BLOB, "-o", tmp_path / "dev", flag, value)
     assert exited.value.code == 2
+
+
+def _materialize_with_stderr_on(argv: list[str], terminal: bool) -> tuple[int, str]:
+    """Run the console script with stderr on a pseudo-terminal (or a pipe); (exit code, stderr)."""
+    import os
+    import pty
+    import subprocess
+
+    from support.paths import VENV_BIN
+
+    if not terminal:
+        done = subprocess.run([str(VENV_BIN / "stargzfs-image"), *argv], capture_output=True, text=True, timeout=120)
+        return done.returncode, done.stderr
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen([str(VENV_BIN / "stargzfs-image"), *argv], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=slave)
+        os.close(slave)
+        output = b""
+        while True:
+            try:
+                piece = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not piece:
+                break
+            output += piece
+        return process.wait(timeout=120), output.decode("utf-8", "replace")
+    finally:
+        os.close(master)
+
+
+def test_progress_bar_only_on_a_terminal(small_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    layer = small_image.layers[0]
+    _, toc_path, meta = layer_inputs(layer, tmp_path)
+    argv = ["materialize", "--blob-meta", str(meta), "--blob", layer.url, "--toc", str(toc_path)]
+    code, shown = _materialize_with_stderr_on([*argv, "-o", str(tmp_path / "tty.dev")], terminal=True)
+    assert code == 0
+    final = shown.replace("\r\n", "\n").split("\r")[-1].strip()
+    assert re.fullmatch(r"\[#{30}\] (\d+\.\d) (KiB|MiB) / \1 \2 100%", final), shown
+    assert _materialize_with_stderr_on([*argv, "-o", str(tmp_path / "q.dev"), "--quiet"], terminal=True) == (0, "")
+    assert _materialize_with_stderr_on([*argv, "-o", str(tmp_path / "pipe.dev")], terminal=False) == (0, "")
+    assert (tmp_path / "tty.dev").read_bytes() == (tmp_path / "pipe.dev").read_bytes()

@@ -280,6 +280,33 @@ def test_registry_settings_defaults_config_and_cli(tmp_path: Path) -> None:
     assert (overridden.registry_timeout, overridden.registry_retries, overridden.auth_timeout) == (1.0, 0, 0.5)
 
 
+def test_hosts_dir_min_rate_and_metrics_settings(tmp_path: Path) -> None:
+    from stargzfs.cli import build_parser
+    from stargzfs.commands.mount import settings_from_args
+    from stargzfs.errors import UsageError
+
+    def settings(*argv: str):  # type: ignore[no-untyped-def]
+        return settings_from_args(build_parser().parse_args(["mount", *argv, "/r", "/m"]))
+
+    default = settings()
+    assert (default.hosts_dir, default.registry_min_rate, default.metrics_address) == (None, 16384.0, None)
+    config = tmp_path / "c.toml"
+    config.write_text('[remote.mirrors_config]\ndir = "/etc/hosts-dir"\n[metrics]\naddress = ":9110"\n'
+                      "[stargzfs]\nregistry_min_rate = 1000\n")
+    from_file = settings("--config", str(config))
+    assert (from_file.effective_hosts_dir, from_file.registry_min_rate, from_file.metrics_address) == (
+        Path("/etc/hosts-dir"), 1000.0, ":9110")
+    overridden = settings("--config", str(config), "--hosts-dir", str(tmp_path), "--registry-min-rate", "5",
+                          "--metrics-address", "127.0.0.1:9111")
+    assert (overridden.hosts_dir, overridden.registry_min_rate, overridden.metrics_address) == (
+        tmp_path, 5.0, "127.0.0.1:9111")
+    for argv, complaint in [(["--registry-min-rate", "0"], "registry_min_rate"),
+                            (["--insecure-registry", "a b"], "insecure registry"),
+                            (["--metrics-address", "nohost:"], "metrics address")]:
+        with pytest.raises(UsageError, match=complaint):
+            settings(*argv)
+
+
 @pytest.mark.parametrize("where", ["root itself", "a snapshot fs dir", "a symlink into root"])
 def test_mountpoint_inside_root_is_refused(snapshot_root: Path, tmp_path: Path, where: str) -> None:
     """Listing ROOT would stat the mount itself: the daemon would hang on its own request."""

@@ -7,16 +7,10 @@ not a fault is the registry's own.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import random
-import socket
-import struct
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -29,12 +23,11 @@ from stargzfs.registry import (
     RegistryRequestError,
     parse_reference,
 )
+from support.fault_proxy import TRICKLE_GAP, TRICKLE_PIECES, FaultProxy
 from support.registry import RegistryProcess
 
 REPOSITORY = "stargzfs-test/registry-client"
 FAST = RegistryConfig(retries=2, backoff=0.01, timeout=5.0)
-TRICKLE_PIECES = 15
-TRICKLE_GAP = 0.1  # seconds: 15 gaps outlast a 1 s deadline in total, none comes near it alone
 
 
 def push_blob(base_url: str, repository: str, data: bytes, headers: dict[str, str] | None = None) -> str:
@@ -177,143 +170,14 @@ async def test_manifest_and_index(registry: RegistryProcess, pushed_blob: Pushed
 # --- faults: a real proxy in front of the real registry -----------------------------------------
 
 
-@dataclass
-class Seen:
-    path: str
-    headers: dict[str, str]
-
-
-@dataclass
-class FaultProxy:
-    """Forwards GETs to `upstream`; each request first takes the next fault from `faults`.
-
-    Faults: "pass", "503", "status:<code>", "reset" (TCP RST before any answer), "full200" (drop Range so the
-    registry answers 200 with the whole blob), "truncate" (half the body, then close),
-    "hang" (never answer), "redirect:<base url>" (307 to the same path on another server),
-    "trickle" (the body in TRICKLE_PIECES pieces, TRICKLE_GAP seconds apart), "stall" (half the body,
-    then silence).
-    """
-
-    upstream: str
-    faults: list[str] = field(default_factory=list)
-    seen: list[Seen] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-    release: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def host(self) -> str:
-        assert self.server is not None
-        return f"127.0.0.1:{self.server.server_address[1]}"
-
-    def next_fault(self) -> str:
-        return self.faults.pop(0) if self.faults else "pass"
-
-
-def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
-
-        def do_GET(self) -> None:  # noqa: N802
-            proxy.seen.append(Seen(self.path, dict(self.headers.items())))
-            fault = proxy.next_fault()
-            if fault == "503":
-                self._reply(503, {}, b"busy")
-            elif fault.startswith("status:"):
-                self._reply(int(fault.removeprefix("status:")), {}, b"refused")
-            elif fault == "reset":
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.close_connection = True
-                self.connection.close()
-            elif fault == "hang":
-                proxy.release.wait(30)
-                self.close_connection = True
-            elif fault.startswith("redirect:"):
-                self._reply(307, {"Location": fault.removeprefix("redirect:") + self.path}, b"")
-            else:
-                self._forward(fault)
-
-        def _forward(self, fault: str) -> None:
-            headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "authorization", "accept")}
-            if fault == "full200":
-                headers.pop("Range", None)
-            connection = http.client.HTTPConnection(proxy.upstream, timeout=10)
-            try:
-                connection.request("GET", self.path, headers=headers)
-                answer = connection.getresponse()
-                body = answer.read()
-                passed = {k: v for k, v in answer.getheaders()
-                          if k.lower() not in ("content-length", "transfer-encoding", "connection")}
-            finally:
-                connection.close()
-            if fault in ("trickle", "stall"):
-                self.send_response(answer.status)
-                for key, value in passed.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if fault == "stall":  # half the body, then silence with the connection left open
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    proxy.release.wait(30)
-                    self.close_connection = True
-                    return
-                pieces = TRICKLE_PIECES
-                step = -(-len(body) // pieces)
-                for offset in range(0, len(body), step):
-                    self.wfile.write(body[offset : offset + step])
-                    self.wfile.flush()
-                    time.sleep(TRICKLE_GAP)
-                return
-            if fault == "truncate":
-                self.send_response(answer.status)
-                for key, value in passed.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            self._reply(answer.status, passed, body)
-
-        def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    return Handler
+@pytest.fixture
+def proxy_factory(fault_proxy_factory: Callable[..., FaultProxy]) -> Callable[..., FaultProxy]:
+    return fault_proxy_factory
 
 
 @pytest.fixture
-def proxy_factory() -> Iterator[Callable[..., FaultProxy]]:
-    started: list[FaultProxy] = []
-
-    def make(upstream: str, host: str = "127.0.0.1") -> FaultProxy:
-        proxy = FaultProxy(upstream)
-        proxy.server = ThreadingHTTPServer((host, 0), _make_handler(proxy))
-        proxy.server.daemon_threads = True
-        threading.Thread(target=proxy.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        started.append(proxy)
-        return proxy
-
-    yield make
-    for proxy in started:
-        proxy.release.set()
-        assert proxy.server is not None
-        proxy.server.shutdown()
-        proxy.server.server_close()
-
-
-@pytest.fixture
-def proxy(proxy_factory: Callable[..., FaultProxy], registry: RegistryProcess) -> FaultProxy:
-    return proxy_factory(registry.host)
+def proxy(fault_proxy_factory: Callable[..., FaultProxy], registry: RegistryProcess) -> FaultProxy:
+    return fault_proxy_factory(registry.host)
 
 
 async def test_5xx_then_success_is_retried(proxy: FaultProxy, pushed_blob: PushedBlob) -> None:
@@ -407,7 +271,7 @@ async def test_redirect_is_followed_once_and_reused_without_authorization(
 ) -> None:
     # The "CDN" is another host name (localhost vs 127.0.0.1), serving the blob from the registry.
     cdn = proxy_factory(registry.host, host="localhost")
-    cdn_base = f"http://localhost:{cdn.server.server_address[1]}"
+    cdn_base = cdn.url
     front = proxy_factory(registry.host)
     front.faults = [f"redirect:{cdn_base}"]
     token = "registry-token-must-not-leak"
@@ -431,7 +295,7 @@ async def test_expired_redirect_falls_back_to_the_registry(
 ) -> None:
     cdn = proxy_factory(registry.host, host="localhost")
     front = proxy_factory(registry.host)
-    front.faults = [f"redirect:http://localhost:{cdn.server.server_address[1]}"]
+    front.faults = [f"redirect:{cdn.url}"]
     async with RegistryClient(FAST) as client:
         reader = client.blob(blob_ref(front.host), pushed_blob.digest)
         assert await reader.read_range(0, 10) == pushed_blob.data[:10]
@@ -447,7 +311,7 @@ async def test_second_redirect_hop_is_refused(
     second = proxy_factory(registry.host, host="localhost")
     second.faults = ["redirect:http://127.0.0.1:9"]
     first = proxy_factory(registry.host)
-    first.faults = [f"redirect:http://localhost:{second.server.server_address[1]}"]
+    first.faults = [f"redirect:{second.url}"]
     async with RegistryClient(FAST) as client:
         with pytest.raises(RegistryError, match="more than one redirect"):
             await client.blob(blob_ref(first.host), pushed_blob.digest).read_tail(51)

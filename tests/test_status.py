@@ -178,3 +178,18 @@ def test_state_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         thread.join()
     assert [p.wait(timeout=60) for p in others] == [0, 0]
     assert len(state.load_state(tmp_path)["layers"]) == 60
+
+
+def test_conversion_time_and_toc_size_from_state(tmp_path: Path) -> None:
+    from stargzfs.commands.status import render_table
+
+    state.record_layer(tmp_path, "cd" * 32, status="converted", snapshot_id="7", seconds=1.23456, toc_bytes=52_000)
+    layer = state.load_state(tmp_path)["layers"]["cd" * 32]
+    assert (layer["seconds"], layer["toc_bytes"]) == (1.235, 52_000)
+    row = {"id": "7", "kind": "committed", "parent_id": None, "candidate": True, "not_candidate_reason": None,
+           "bootstrap": True, "image_boot": False, "blob_meta": ["fusedev"], "name": "sha256:x",
+           "convert_seconds": layer["seconds"], "toc_bytes": layer["toc_bytes"],
+           "layer_error": None, "image_error": None}
+    table = render_table({"snapshots": [row], "txid": 3}).splitlines()
+    assert table[0].split()[7:9] == ["CONVERT", "TOC"]
+    assert table[1].split()[7:10] == ["1.24s", "50.8", "KiB"]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from stargzfs import cliutil
 from stargzfs.errors import UsageError
 from stargzfs.settings import FS_DRIVERS, LOG_LEVELS, MountSettings, build_settings
 
@@ -32,14 +33,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        help="MNT/.blobs: fill each opened blob's cache completely, yielding to reads")
     mount.add_argument("--nydus-image", type=Path, default=None,
                        help="external nydus-image builder (default: the bundled stargzfs-image)")
-    mount.add_argument("--insecure-registry", dest="insecure_registries", action="append", default=[],
-                       metavar="HOST", help="talk plain HTTP to HOST[:PORT] (repeatable)")
-    mount.add_argument("--registry-timeout", type=float, default=None, metavar="SECONDS",
-                       help="per-attempt limit for one registry request (default 10)")
-    mount.add_argument("--registry-retries", type=int, default=None, metavar="N",
-                       help="extra attempts after a timeout, connection error or 5xx (default 3)")
-    mount.add_argument("--auth-timeout", type=float, default=None, metavar="SECONDS",
-                       help="limit for one token request to the registry's auth realm (default 10)")
+    cliutil.add_registry_options(
+        mount, timeout=MountSettings.registry_timeout, retries=MountSettings.registry_retries, from_settings=True
+    )
+    mount.add_argument("--metrics-address", metavar="[HOST]:PORT", default=None,
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (':PORT': loopback only; "
+                       "default: off)")
     mount.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="default info")
     mount.add_argument("--log-file", type=Path, default=None, help="daemon log (default: stderr)")
     mount.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT]",
@@ -67,13 +66,16 @@ def settings_from_args(args: argparse.Namespace) -> MountSettings:
         "prefetch": args.prefetch,
         "background_fetch": args.background_fetch,
         "nydus_image": args.nydus_image,
-        "insecure_registries": args.insecure_registries,
+        "insecure_registries": args.insecure_registry,
         "log_level": args.log_level,
         "log_file": args.log_file,
         "fuse_options": args.fuse_options,
         "registry_timeout": args.registry_timeout,
         "registry_retries": args.registry_retries,
         "auth_timeout": args.auth_timeout,
+        "registry_min_rate": args.registry_min_rate,
+        "hosts_dir": args.hosts_dir,
+        "metrics_address": args.metrics_address,
     }
     return build_settings(cli, args.config)
 

@@ -2,8 +2,9 @@
 
 One row per snapshot in ROOT/metadata.db (read lock-free while the snapshotter runs):
 whether it is an eStargz candidate, which converted artefacts exist in its fs dir,
-where its blob.meta lives (fusedev cache dir or fscache fs dir) and the last error
-the mount recorded in ROOT/stargzfs/state.json. Label values are never printed
+where its blob.meta lives (fusedev cache dir or fscache fs dir), how long its layer's
+conversion took and how large its TOC was, and the last error the mount recorded in
+ROOT/stargzfs/state.json. Label values are never printed
 except the image ref and digests (labels may carry registry credentials).
 """
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stargzfs.cliutil import human_bytes
 from stargzfs.conversion import state
 from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.rafs import chunkmap
@@ -77,6 +79,8 @@ def snapshot_row(
         "blob_meta": blob_meta,
         "layer_status": layer_state.get("status"),
         "layer_error": layer_state.get("error"),
+        "convert_seconds": _number(layer_state.get("seconds")),
+        "toc_bytes": _number(layer_state.get("toc_bytes")),
         "image_status": image_state.get("status"),
         "image_error": image_state.get("error"),
     }
@@ -118,12 +122,18 @@ def collect(root: Path, cache_dir: Path | None = None) -> dict[str, Any]:
     }
 
 
+def _number(value: Any) -> float | int | None:
+    """state.json is a diagnostic aid another process writes: show only what is a number."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
 
 def render_table(document: dict[str, Any]) -> str:
-    header = ("ID", "KIND", "PARENT", "CANDIDATE", "BOOTSTRAP", "IMAGE.BOOT", "BLOB.META", "NAME", "LAST ERROR")
+    header = ("ID", "KIND", "PARENT", "CANDIDATE", "BOOTSTRAP", "IMAGE.BOOT", "BLOB.META", "CONVERT", "TOC", "NAME",
+              "LAST ERROR")
     rows = [header]
     for row in document["snapshots"]:
         error = row["image_error"] or row["layer_error"]
@@ -136,6 +146,8 @@ def render_table(document: dict[str, Any]) -> str:
                 _yes(row["bootstrap"]),
                 _yes(row["image_boot"]),
                 ",".join(row["blob_meta"]) or "-",
+                f"{row['convert_seconds']:.2f}s" if row["convert_seconds"] is not None else "-",
+                human_bytes(row["toc_bytes"]) if row["toc_bytes"] is not None else "-",
                 row["name"],
                 error or "-",
             )

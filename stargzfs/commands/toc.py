@@ -74,10 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _fetch(args: argparse.Namespace) -> TocResult:
-    config = RegistryConfig(
-        insecure_hosts=tuple(args.insecure_registry), timeout=args.registry_timeout, retries=args.registry_retries
-    )
-    async with RegistryClient(config) as client:
+    async with RegistryClient(cliutil.registry_config(args)) as client:
         reader = client.blob(args.ref, args.digest)
         return await fetch_toc(
             reader,

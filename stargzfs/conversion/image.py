@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
+from stargzfs import metrics
 from stargzfs.conversion.builder import Builder, run_builder
 from stargzfs.conversion.errors import ConversionError
 from stargzfs.conversion.gate import ConversionGate
@@ -46,6 +47,7 @@ def _copy(src_fd: int, src: str, dst_fd: int, dst: str) -> bool:
     return copy_file_at(src_fd, src, dst_fd, dst, mode=layout.OUTPUT_MODE, temp=layout.merge_temp_name())
 
 
+@metrics.timed("merge")
 async def compose_image(
     top_fs_fd: int,
     layers_base_first: Sequence[ChainLayer],

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import trio
 
+from stargzfs import metrics
 from stargzfs.conversion.builder import MALFORMED_STATUS, Builder, BuilderFailed, run_builder
 from stargzfs.conversion.errors import ConversionError, NotConvertible
 from stargzfs.conversion.gate import ConversionGate
@@ -67,6 +68,7 @@ class LayerJob:
     blob_meta_fd: int  # cache dir (fusedev) or the fs dir (fscache)
 
 
+@metrics.timed("toc_fetch")
 async def fetch_layer_toc(
     candidate: LayerCandidate, *, client: RegistryClient, credentials: CredentialCache
 ) -> TocResult:
@@ -88,6 +90,7 @@ async def fetch_layer_toc(
         raise ConversionError(f"fetching TOC: {exc.strerror or exc}") from None
 
 
+@metrics.timed("build")
 async def build_layer(job: LayerJob, result: TocResult, *, builder: Builder, builder_slots: trio.CapacityLimiter) -> None:
     """Write the TOC, run the builder on it, publish blob.meta then `<hex>` (OSError: this snapshot's dirs).
 
@@ -393,6 +396,7 @@ class LayerConverter:
 
     async def _failed(self, candidate: LayerCandidate, key: LayerKey, detail: str) -> OSError:
         """A failed conversion: recorded, backed off for its key, EIO."""
+        metrics.CONVERSIONS.labels("error").inc()
         message = self._message(candidate, detail)
         delay = self.gate.failed(key, message)
         log.error("%s (retry in %.1fs)", message, delay)
@@ -410,12 +414,14 @@ class LayerConverter:
             )
         except NotConvertible as exc:
             reason = self._message(candidate, str(exc)) if exc.code != errno.ENOENT else str(exc)
+            metrics.CONVERSIONS.labels("not_estargz" if exc.code == errno.ENOENT else "error").inc()
             self.gate.refuse(key, reason, exc.code)
             log.info("snapshot %s layer %s: %s", snapshot_id, layer_hex[:12], reason)
             status = "not-estargz" if exc.code == errno.ENOENT else "error"
             await self.recorder.layer(layer_hex, status=status, error=reason, snapshot_id=snapshot_id)
             raise OSError(exc.code, reason) from None
         except OSError as exc:  # this snapshot's dir, not the layer: no digest-wide backoff
+            metrics.CONVERSIONS.labels("error").inc()
             detail = f"layer sha256:{layer_hex}: writing outputs: {exc.strerror or exc}"
             raise await self._local_failure(candidate, detail) from None
         except StargzfsError as exc:
@@ -423,8 +429,10 @@ class LayerConverter:
         self.gate.succeeded(key)
         self._sources[key] = snapshot_id
         if created:
+            metrics.CONVERSIONS.labels("converted").inc()
             self.conversions += 1
             self.changed(snapshot_id, *self.outputs(layer_hex))
             log.info("snapshot %s: converted layer %s in %.2fs", snapshot_id, layer_hex[:12], time.monotonic() - started)
-            await self.recorder.layer(layer_hex, status="converted", snapshot_id=snapshot_id)
+            await self.recorder.layer(layer_hex, status="converted", snapshot_id=snapshot_id,
+                                      seconds=time.monotonic() - started, toc_bytes=getattr(lstat_at(fs_fd, layout.TOC_FILE), "st_size", None))
 

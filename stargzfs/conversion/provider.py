@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from stargzfs import metrics
 from stargzfs.conversion.blobs import LAZY_DIR, BlobService, BlobSettings
 from stargzfs.conversion.builder import bundled_builder, detect_builder
 from stargzfs.conversion.gate import ConversionGate
@@ -52,6 +53,8 @@ class SnapshotRootProvider:
         slots = trio.CapacityLimiter(settings.max_builders)
         self._client: RegistryClient | None = None
         self._notifier: ChangeNotifier | None = None
+        # Bound now, so a taken port fails `stargzfs mount` itself; served from the daemon (bind_notifier).
+        self._metrics = metrics.MetricsServer(settings.metrics_address) if settings.metrics_address else None
         credentials = CredentialCache()
         self.blobs = BlobService(
             dirs=self.dirs, table=self.table, recorder=recorder, indexer=bundled_builder().limited(**limits),
@@ -80,6 +83,9 @@ class SnapshotRootProvider:
     def bind_notifier(self, notifier: ChangeNotifier) -> None:
         """The mount's cache invalidation; set once it talks to the kernel."""
         self._notifier = notifier
+        if self._metrics is not None:
+            self._metrics.start()
+            log.info("metrics at http://%s:%d/metrics", *self._metrics.address)
         # The provider is built before the daemon configures logging (so a bad ROOT fails the
         # `mount` command itself): what start-up did is logged now, once logging is set up.
         for note in self._startup_notes:
@@ -105,6 +111,8 @@ class SnapshotRootProvider:
                 timeout=settings.registry_timeout,
                 retries=settings.registry_retries,
                 auth_timeout=settings.auth_timeout,
+                min_rate=settings.registry_min_rate,
+                hosts_dir=settings.effective_hosts_dir,
             ))
             self._client = client
             await client.__aenter__()
@@ -149,8 +157,10 @@ class SnapshotRootProvider:
             raise OSError(errno.ENOENT, f"{top} is not an eStargz candidate")
         if name == layout.bootstrap_name(candidate.layer_hex):
             await self.layers.ensure(candidate)
+            metrics.BOOTSTRAPS_SERVED.inc()
         elif name == layout.IMAGE_BOOT:
             await self.images.ensure(snapshot)
+            metrics.IMAGE_BOOTS_SERVED.inc()
         else:
             raise OSError(errno.ENOENT, f"{top}/{name} is not produced by this mount")
 

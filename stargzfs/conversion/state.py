@@ -79,14 +79,20 @@ def _update(root: Path, section: str, key: str, record: dict[str, Any]) -> None:
 
 
 def record_layer(
-    root: Path, layer_hex: str, *, status: str, error: str | None = None, snapshot_id: str | None = None
+    root: Path, layer_hex: str, *, status: str, error: str | None = None, snapshot_id: str | None = None,
+    seconds: float | None = None, toc_bytes: int | None = None,
 ) -> None:
-    """Remember the outcome of converting one layer (keyed by its 64-hex digest)."""
+    """Remember the outcome of converting one layer (keyed by its 64-hex digest); a conversion
+    also its duration (TOC fetch to published bootstrap) and the TOC's size."""
     if status not in LAYER_STATUSES:
         raise UsageError(f"layer status must be one of {', '.join(LAYER_STATUSES)}, not {status!r}")
     record: dict[str, Any] = {"status": status, "error": _one_line(error), "time": time.time()}
     if snapshot_id is not None:
         record["snapshot_id"] = snapshot_id
+    if seconds is not None:
+        record["seconds"] = round(seconds, 3)
+    if toc_bytes is not None:
+        record["toc_bytes"] = toc_bytes
     _update(root, "layers", layer_hex, record)
 
 
@@ -109,8 +115,10 @@ class StateRecorder:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    async def layer(self, layer_hex: str, *, status: str, error: str | None = None, snapshot_id: str | None = None) -> None:
-        await self._write(record_layer, layer_hex, status=status, error=error, snapshot_id=snapshot_id)
+    async def layer(self, layer_hex: str, *, status: str, error: str | None = None, snapshot_id: str | None = None,
+                    seconds: float | None = None, toc_bytes: int | None = None) -> None:
+        await self._write(record_layer, layer_hex, status=status, error=error, snapshot_id=snapshot_id,
+                          seconds=seconds, toc_bytes=toc_bytes)
 
     async def image(self, snapshot_id: str, *, status: str, error: str | None = None) -> None:
         await self._write(record_image, snapshot_id, status=status, error=error)

@@ -17,7 +17,7 @@ import trio
 from stargzfs import cliutil
 from stargzfs.errors import UsageError
 from stargzfs.estargz.toc import parse_toc
-from stargzfs.rafs.materialize import COMPRESSIONS, MaterializeResult, materialize
+from stargzfs.rafs.materialize import COMPRESSIONS, MaterializeResult, Progress, materialize
 
 _BLOB_URL = re.compile(r"^(?P<scheme>https?)://(?P<host>[^/]+)/v2/(?P<repo>.+)/blobs/(?P<digest>[a-z0-9]+:[0-9a-fA-F]+)$")
 DEFAULT_REGISTRY_TIMEOUT = 15.0  # = RegistryConfig.timeout; not imported so `--help` stays cheap
@@ -48,6 +48,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--compressor", choices=COMPRESSIONS, help="blob compression (default: detected from the data)"
     )
     cliutil.add_registry_options(parser, timeout=DEFAULT_REGISTRY_TIMEOUT, retries=DEFAULT_REGISTRY_RETRIES)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     parser.set_defaults(func=run)
 
 
@@ -85,12 +86,10 @@ def _remote_source(blob: str) -> tuple[str, str, bool] | None:
 
 
 async def _materialize_remote(
-    blob_meta: bytes, ref: str, digest: str, output: Path, *, insecure: list[str], timeout: float, retries: int,
-    **options: Any,
+    blob_meta: bytes, ref: str, digest: str, output: Path, *, config: Any, **options: Any
 ) -> MaterializeResult:
-    from stargzfs.registry.client import RegistryClient, RegistryConfig
+    from stargzfs.registry.client import RegistryClient
 
-    config = RegistryConfig(insecure_hosts=tuple(insecure), timeout=timeout, retries=retries)
     async with RegistryClient(config) as client:
         return await materialize(blob_meta, client.blob(ref, digest), output, **options)
 
@@ -107,19 +106,18 @@ def run(args: argparse.Namespace) -> int:
     blob_meta = _read_input(args.blob_meta, "--blob-meta")
     toc = parse_toc(_read_input(args.toc, "--toc")) if args.toc else None
     output: Path = args.output  # a missing or read-only directory is an OutputError (exit 1) when written
-    options = {"toc": toc, "compression": args.compressor, "mode": args.mode}
     remote = _remote_source(args.blob)
+    bar = cliutil.ProgressBar.for_stderr(quiet=args.quiet)
+    progress: Progress | None = bar.update if bar is not None else None
+    options = {"toc": toc, "compression": args.compressor, "mode": args.mode, "progress": progress}
     job: Callable[[], Any]
     if remote is not None:
         ref, digest, plain_http = remote
-        insecure = list(args.insecure_registry)
-        if plain_http:
-            insecure.append(ref.split("/", 1)[0])
+        config = cliutil.registry_config(args, [ref.split("/", 1)[0]] if plain_http else [])
 
         async def job() -> MaterializeResult:
             return await _materialize_remote(
-                blob_meta, ref, digest, output,
-                insecure=insecure, timeout=args.registry_timeout, retries=args.registry_retries, **options,
+                blob_meta, ref, digest, output, config=config, **options
             )
 
     else:
@@ -127,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
         async def job() -> MaterializeResult:
             return await _materialize_file(blob_meta, Path(args.blob), output, **options)
 
-    result: MaterializeResult = trio.run(job)
+    try:
+        result: MaterializeResult = trio.run(job)
+    finally:
+        if bar is not None:
+            bar.finish()
     print(
         f"{result.output}: {result.size} bytes, {result.chunks} chunks ({result.verified} verified), "
         f"{result.compression}, {result.requests} range reads, {result.bytes_fetched} bytes fetched"

@@ -9,6 +9,7 @@ check them) is rafs.chunks', shared with the mount's lazy blob server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +23,7 @@ from stargzfs.rafs import blobindex, chunks as chunk_plan
 from stargzfs.rafs.blobmeta import decode_blob_meta
 
 COMPRESSIONS = CODEC_NAMES
+Progress = Callable[[int, int], None]  # (bytes fetched so far, bytes to fetch in all)
 
 
 class RangeReader(Protocol):
@@ -62,11 +64,13 @@ async def materialize(
     compression: str | None = None,
     blob_size: int | None = None,
     mode: int = 0o600,
+    progress: Progress | None = None,
 ) -> MaterializeResult:
     """Build the cache file at `output` (temp file + rename: nothing partial on failure).
 
     `compression` None means detect it from the first chunk's magic bytes. The cache holds the
     layer's data uncompressed, so it is private (0600) unless the caller asks for a `mode`.
+    `progress` hears after every range read how many of the planned bytes have arrived.
     """
     codec: Codec | None = None
     if compression is not None:
@@ -81,11 +85,17 @@ async def materialize(
     file_size = chunk_plan.cache_size(entries)
     output = Path(output)
     requests = fetched = 0
+    spans = list(chunk_plan.spans(planned))
+    total = sum(end - start for start, end, _ in spans)
+    if progress is not None:
+        progress(0, total)
     with atomic_output(output, mode=mode) as handle:
-        for start, end, group in chunk_plan.spans(planned):
+        for start, end, group in spans:
             data = await reader.read_range(start, end)
             requests += 1
             fetched += len(data)
+            if progress is not None:
+                progress(fetched, total)
             if len(data) != end - start:
                 raise FormatError(f"blob read [{start}, {end}) returned {len(data)} bytes")
             view = memoryview(data)

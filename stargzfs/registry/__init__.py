@@ -2,12 +2,15 @@
 
 from stargzfs.registry.auth import RegistryAuth
 from stargzfs.registry.client import BlobReader, RegistryClient, RegistryConfig, RegistryRequestError
+from stargzfs.registry.hosts import HostsConfigError, HostsDirectory
 from stargzfs.registry.credentials import CredentialCache, Credentials, resolve_credentials
 from stargzfs.registry.reference import Reference, default_scheme, parse_reference
 
 __all__ = [
     "BlobReader",
     "CredentialCache",
+    "HostsConfigError",
+    "HostsDirectory",
     "Credentials",
     "Reference",
     "RegistryAuth",

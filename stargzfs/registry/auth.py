@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator
 from dataclasses import dataclass
 
 import anyio
@@ -30,6 +30,8 @@ _TOKEN_EXPIRY_MARGIN = 5.0
 _DEFAULT_TOKEN_LIFETIME = 60.0
 # Token answers are small JSON documents; anything larger is not a token endpoint.
 _MAX_TOKEN_RESPONSE = 1 << 20
+# A 401 body is an error document we never use: read at most this much (httpx reads it whole otherwise).
+MAX_CHALLENGE_BODY = 64 << 10
 
 _CHALLENGE_PARAM = re.compile(r'([a-zA-Z_][a-zA-Z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
@@ -94,11 +96,13 @@ class RegistryAuth(httpx.Auth):
         auth_timeout: float = 10.0,
         scheme: str | None = None,
         insecure_hosts: tuple[str, ...] = (),
+        host: str | None = None,
     ) -> None:
         self.ref = ref
         self.insecure_hosts = tuple(insecure_hosts)
-        scheme = scheme or default_scheme(ref.api_host, self.insecure_hosts)
-        self.registry_netloc = _netloc(httpx.URL(f"{scheme}://{ref.api_host}/"))
+        host = host or ref.api_host  # a mirror's own host when the requests go there
+        scheme = scheme or default_scheme(host, self.insecure_hosts)
+        self.registry_netloc = _netloc(httpx.URL(f"{scheme}://{host}/"))
         self.credentials = credentials
         self.state = state if state is not None else AuthState()
         self.auth_timeout = auth_timeout
@@ -136,7 +140,7 @@ class RegistryAuth(httpx.Auth):
             return
         if self.credentials is not None and self.credentials.is_token:
             return  # nothing else to try: the caller reports the 401
-        await response.aread()
+        await read_capped(response, MAX_CHALLENGE_BODY, f"{self.ref.name}: 401 answer")
         challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if challenge is None:
             return
@@ -167,7 +171,7 @@ class RegistryAuth(httpx.Auth):
             response = yield request
             if response.status_code != 401:
                 return
-            await response.aread()
+            await read_capped(response, MAX_CHALLENGE_BODY, f"{self.ref.name}: 401 answer")
             retry_challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
             if retry_challenge is None or retry_challenge.scheme != "bearer":
                 return
@@ -206,14 +210,14 @@ class RegistryAuth(httpx.Auth):
             raise RegistryError(
                 f"{self.ref.name}: token request to {realm_host} failed: HTTP {response.status_code}{hint}"
             )
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > _MAX_TOKEN_RESPONSE:
+        # The whole answer within auth_timeout: httpx's own timeout only bounds each silence.
+        with anyio.move_on_after(self.auth_timeout) as scope:
+            body = await read_capped(response, _MAX_TOKEN_RESPONSE, f"{self.ref.name}: token answer from {realm_host}")
+        if scope.cancelled_caught:
             await response.aclose()
-            raise RegistryError(f"{self.ref.name}: token answer from {realm_host} is too large")
-        # aread() (not a stream loop): httpx reads this response again after the flow resumes.
-        body = await response.aread()
-        if len(body) > _MAX_TOKEN_RESPONSE:
-            raise RegistryError(f"{self.ref.name}: token answer from {realm_host} is too large")
+            raise RegistryError(
+                f"{self.ref.name}: token answer from {realm_host} not complete within {self.auth_timeout:g}s"
+            )
         try:
             document = json.loads(body)
         except ValueError:
@@ -227,6 +231,41 @@ class RegistryAuth(httpx.Auth):
         if not isinstance(lifetime, (int, float)) or lifetime <= 0:
             lifetime = _DEFAULT_TOKEN_LIFETIME
         return _BearerToken(value, time.monotonic() + float(lifetime))
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    """A response body that fails once it passes `limit` bytes."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, limit: int, what: str) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._what = what
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        async for piece in self._inner:
+            received += len(piece)
+            if received > self._limit:
+                raise RegistryError(f"{self._what} is larger than {self._limit} bytes")
+            yield piece
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
+    """`response.aread()` that stops past `limit` bytes (RegistryError naming `what`).
+
+    aread() (not a loop of our own) because httpx reads an auth-flow response again after the
+    flow resumes and must find it read; wrapping its stream keeps that read bounded too.
+    """
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        await response.aclose()
+        raise RegistryError(f"{what} is larger than {limit} bytes")
+    if not response.is_stream_consumed:
+        response.stream = _CappedStream(response.stream, limit, what)  # type: ignore[arg-type]
+    return await response.aread()
 
 
 def _netloc(url: httpx.URL) -> str:

@@ -1,9 +1,14 @@
-"""Registry client: checked ranged blob reads and manifests over one pooled httpx.AsyncClient.
+"""Registry client: checked ranged blob reads and manifests, over the hosts containerd would try.
 
 Why not upstream's way: nydus-snapshotter probes (`bytes=0-0` twice) before every read and trusts
 any 2xx, so a 200 full body is silently taken for the requested range. Here each read is ONE
 request whose answer is validated (206 + matching Content-Range, or a 200 body sliced correctly),
 auth is answered on the 401 of that same request, and a redirect learned once is reused.
+
+Hosts: a registry's hosts.toml mirrors are tried in order, then the server; a host that cannot be
+reached, answers 5xx or 404 (a mirror also on 401/403) passes the read to the next one, and a
+blob keeps reading from the host that answered. Credentials are looked up for the host contacted:
+the caller's own (snapshot labels) only ever go to the registry itself.
 
 What `BlobReader.requests` counts: blob-data answers that were used (2xx), one per successful
 read. Not counted: 401 challenges, token requests, a 3xx hop, failed attempts that were retried.
@@ -12,13 +17,12 @@ read. Not counted: 401 challenges, token requests, a 3xx hop, failed attempts th
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import logging
 import platform
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,11 +31,24 @@ from typing import TypeVar
 import anyio
 import httpx
 
-from stargzfs.errors import RegistryError
 from stargzfs.digest import validate_digest
+from stargzfs.errors import RegistryError
 from stargzfs.registry.auth import AuthState, RegistryAuth
-from stargzfs.registry.credentials import Credentials, resolve_credentials
-from stargzfs.registry.reference import Reference, as_reference, default_scheme
+from stargzfs.registry.credentials import CredentialCache, Credentials
+from stargzfs.registry.hosts import Endpoint, HostsDirectory, TlsSettings
+from stargzfs.registry.reference import Reference, as_reference
+from stargzfs.registry.transport import (
+    DEFAULT_MIN_RATE,
+    HostFailure,
+    HttpPool,
+    bounded,
+    count_bytes,
+    count_failure,
+    expect_bytes,
+    made_progress,
+    transport_failure,
+    url_for_log,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -52,49 +69,16 @@ _GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "
 
 @dataclass
 class RegistryConfig:
-    """Client knobs. `retries` counts extra attempts after the first (so 3 → at most 4 sends)."""
+    """Client knobs. `retries` counts extra rounds after the first (so 3 → at most 4 per host)."""
 
     insecure_hosts: tuple[str, ...] = ()
-    timeout: float = 15.0  # per attempt: until the answer's headers, then each gap between body pieces
-    auth_timeout: float = 10.0  # each token request
-    retries: int = 3  # idempotent GETs on connection errors / 5xx
+    timeout: float = 15.0  # per request: until the answer's headers, then each gap between body pieces
+    auth_timeout: float = 10.0  # each token request, headers and body
+    retries: int = 3  # idempotent GETs on connection errors / timeouts / 5xx
     backoff: float = 0.2  # base seconds, doubled per retry
     docker_config: Path | None = None
-
-
-class _IdleDeadline:
-    """A per-attempt deadline that data arriving pushes back.
-
-    A fixed deadline over the whole body would fail every large read on a slow link
-    (32 MiB in 15 s needs > 2 MB/s); an idle deadline still catches a server that stops
-    answering or stalls mid-body, however large the body is.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.scope = anyio.CancelScope(deadline=anyio.current_time() + timeout)
-        self.receiving = False
-
-    def progress(self) -> None:
-        self.receiving = True
-        self.scope.deadline = anyio.current_time() + self.timeout
-
-    def reason(self) -> str:
-        if self.receiving:
-            return f"answer stalled: no data within {self.timeout:g}s"
-        return f"no answer within {self.timeout:g}s"
-
-
-_CURRENT_DEADLINE: contextvars.ContextVar[_IdleDeadline | None] = contextvars.ContextVar(
-    "stargzfs_registry_deadline", default=None
-)
-
-
-def _made_progress() -> None:
-    """Headers or a body piece arrived: the current attempt's idle deadline starts over."""
-    deadline = _CURRENT_DEADLINE.get()
-    if deadline is not None:
-        deadline.progress()
+    hosts_dir: Path | None = None  # containerd's certs.d; None: the registry alone, system trust store
+    min_rate: float = DEFAULT_MIN_RATE  # bytes/s: a request must end within timeout + bytes / min_rate
 
 
 class RegistryRequestError(RegistryError):
@@ -104,15 +88,6 @@ class RegistryRequestError(RegistryError):
         super().__init__(message)
         self.ref = ref
         self.digest = digest
-        self.status = status
-
-
-class _Retryable(Exception):
-    """A failure worth another attempt (connection trouble, 5xx, expired redirect)."""
-
-    def __init__(self, reason: str, status: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
         self.status = status
 
 
@@ -129,37 +104,55 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None, int 
     return first, last, total
 
 
-def _describe_transport_error(exc: httpx.TransportError) -> str:
-    """A short reason without URLs (redirect targets can carry presigned query strings)."""
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({exc.__class__.__name__})"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return "connection closed before the whole answer arrived (truncated body or reset)"
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect ({exc})"
-    if isinstance(exc, httpx.ReadError):
-        return "connection reset while reading"
-    return f"{exc.__class__.__name__}: {exc}"
+@dataclass
+class Route:
+    """One host to read from: its endpoint, the HTTP client for its TLS, its auth flow, the URL."""
+
+    endpoint: Endpoint
+    http: httpx.AsyncClient
+    auth: RegistryAuth
+    url: httpx.URL
 
 
-def _url_for_log(url: httpx.URL) -> str:
-    return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}{url.path}"
+class Routes:
+    """The hosts one blob or manifest can come from, each made ready (credentials, TLS) on first use."""
+
+    def __init__(
+        self, client: "RegistryClient", ref: Reference, endpoints: Sequence[Endpoint], suffix: str,
+        given: Credentials | None, resolved: bool,
+    ) -> None:
+        self._client = client
+        self._ref = ref
+        self.endpoints = list(endpoints)
+        self._suffix = suffix
+        self._given = given
+        self._resolved = resolved
+        self._ready: dict[int, Route] = {}
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+    async def get(self, index: int) -> Route:
+        route = self._ready.get(index)
+        if route is None:
+            route = await self._client.route(self._ref, self.endpoints[index], self._suffix, self._given,
+                                             self._resolved)
+            self._ready[index] = route
+        return route
 
 
 class RegistryClient:
-    """One pooled HTTP client plus per-repository auth state; use as `async with`."""
+    """Pooled HTTP clients plus per-host, per-repository auth state; use as `async with`."""
 
     def __init__(self, config: RegistryConfig | None = None) -> None:
         self.config = config if config is not None else RegistryConfig()
-        self._http: httpx.AsyncClient | None = None
-        self._auth_states: dict[tuple[str, str, Credentials | None], AuthState] = {}
+        self.hosts = HostsDirectory(self.config.hosts_dir, self.config.insecure_hosts)
+        self._pool = HttpPool(self.config.timeout)
+        self._auth_states: dict[tuple[str, str, str, Credentials | None], AuthState] = {}
+        self._credentials = CredentialCache(self.config.docker_config)
 
     async def __aenter__(self) -> "RegistryClient":
-        self._http = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(self.config.timeout),
-            headers={"User-Agent": "stargzfs", "Accept-Encoding": "identity"},
-        )
+        self._pool.open = True
         return self
 
     async def __aexit__(
@@ -168,101 +161,125 @@ class RegistryClient:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        http, self._http = self._http, None
-        if http is not None:
-            await http.aclose()
+        await self._pool.aclose()
 
     @property
     def http(self) -> httpx.AsyncClient:
-        if self._http is None:
-            raise RuntimeError("RegistryClient must be used as `async with RegistryClient(...)`")
-        return self._http
+        """The client for hosts without TLS settings of their own (the system trust store)."""
+        return self._pool.client_for(TlsSettings())
 
     def token_requests(self, ref: Reference | str) -> int:
-        """Token requests made so far for ref's repository (all credential sets)."""
+        """Token requests made so far for ref's repository on its registry host (all credential sets)."""
         reference = as_reference(ref)
         return sum(
             state.token_requests
-            for (host, repository, _), state in self._auth_states.items()
-            if host == reference.api_host and repository == reference.repository
+            for (_, netloc, repository, _), state in self._auth_states.items()
+            if netloc == reference.api_host and repository == reference.repository
         )
 
-    def scheme(self, ref: Reference) -> str:
-        return default_scheme(ref.api_host, self.config.insecure_hosts)
+    def endpoints(self, ref: Reference, capability: str) -> list[Endpoint]:
+        """The hosts that may serve `capability` (pull, resolve) for ref's registry, in order."""
+        found = [endpoint for endpoint in self.hosts.endpoints(ref.registry) if endpoint.can(capability)]
+        if not found:
+            raise RegistryRequestError(
+                f"{ref}: no host in the hosts.toml of {ref.registry} has the {capability!r} capability",
+                ref=ref, digest=None,
+            )
+        return found
 
-    def base_url(self, ref: Reference) -> str:
-        return f"{self.scheme(ref)}://{ref.api_host}/v2/{ref.repository}"
-
-    def auth_for(
-        self, ref: Reference, *, credentials: Credentials | None = None, resolved: bool = False
-    ) -> RegistryAuth:
-        """An auth flow sharing its token cache with every other user of the same repository.
-
-        `resolved=True`: `credentials` is already the keychain's answer (None = anonymous), so
-        no config file or credential helper is consulted here (callers on an event loop resolve
-        in a worker thread first).
-        """
-        if not resolved:
-            credentials = resolve_credentials(ref, credentials, self.config.docker_config)
-        key = (ref.api_host, ref.repository, credentials)
+    async def route(
+        self, ref: Reference, endpoint: Endpoint, suffix: str, given: Credentials | None, resolved: bool
+    ) -> Route:
+        """Credentials for the host contacted, its TLS client and auth flow, the URL (`?ns=` on a mirror)."""
+        if endpoint.netloc != ref.api_host:
+            # The caller's credentials (snapshot labels) belong to the image's registry: another
+            # host gets what docker's config holds for that host, or nothing.
+            host_ref = Reference(endpoint.netloc, ref.repository, ref.tag, ref.digest)
+            credentials = await self._credentials.resolve(host_ref)
+        elif resolved:
+            credentials = given
+        else:
+            credentials = await self._credentials.resolve(ref, given)
+        key = (endpoint.scheme, endpoint.netloc, ref.repository, credentials)
         state = self._auth_states.setdefault(key, AuthState())
-        return RegistryAuth(
-            ref, credentials, state=state, auth_timeout=self.config.auth_timeout, scheme=self.scheme(ref),
-            insecure_hosts=self.config.insecure_hosts,
+        auth = RegistryAuth(
+            ref, credentials, state=state, auth_timeout=self.config.auth_timeout, scheme=endpoint.scheme,
+            insecure_hosts=self.config.insecure_hosts, host=endpoint.netloc,
         )
+        url = httpx.URL(f"{endpoint.root}/{ref.repository}/{suffix}")
+        if endpoint.mirror:
+            url = url.copy_add_param("ns", ref.registry)
+        return Route(endpoint, self._pool.client_for(endpoint.tls), auth, url)
 
     def blob(
         self, ref: Reference | str, digest: str, *, credentials: Credentials | None = None, resolved: bool = False
     ) -> "BlobReader":
+        """`resolved=True`: `credentials` is already the keychain's answer for the registry (None =
+        anonymous), so no config file or helper is consulted for it (daemons resolve in a thread)."""
         reference = as_reference(ref)
         validate_digest(digest, f" for a blob of {reference}")
-        auth = self.auth_for(reference, credentials=credentials, resolved=resolved)
-        return BlobReader(self, reference, digest, auth)
+        routes = Routes(self, reference, self.endpoints(reference, "pull"), f"blobs/{digest}", credentials, resolved)
+        return BlobReader(self, reference, digest, routes)
 
     # --- shared request machinery ---------------------------------------------------------------
 
-    async def with_retries(
+    async def first_answer(
         self,
         what: str,
         ref: Reference,
         digest: str | None,
-        attempt: Callable[[], Awaitable[T]],
-    ) -> T:
-        """Run `attempt` with a per-attempt deadline; retry _Retryable failures with backoff."""
+        routes: Routes,
+        attempt: Callable[[int, Route], Awaitable[T]],
+        *,
+        expected_bytes: int,
+        start: int = 0,
+    ) -> tuple[T, int]:
+        """`attempt` on each host from `start` on until one answers; rounds repeat with backoff while
+        the last host's failure is worth retrying. Returns the result and the host's index."""
         config = self.config
-        last: _Retryable | None = None
         attempts = max(0, config.retries) + 1
+        failures: list[tuple[Route, HostFailure]] = []
         for number in range(attempts):
             if number:
                 await anyio.sleep(config.backoff * (2 ** (number - 1)))
-            deadline = _IdleDeadline(config.timeout)
-            token = _CURRENT_DEADLINE.set(deadline)
-            try:
-                with deadline.scope:
-                    return await attempt()
-            except _Retryable as exc:
-                last = exc
-            finally:
-                _CURRENT_DEADLINE.reset(token)
-            if deadline.scope.cancelled_caught:
-                last = _Retryable(deadline.reason())
+            failures = []
+            for index in range(start, len(routes)):
+                route = await routes.get(index)
+                try:
+                    with bounded(config.timeout, config.min_rate, expected_bytes):
+                        return await attempt(index, route), index
+                except HostFailure as failure:
+                    count_failure(route.url, failure)
+                    failures.append((route, failure))
+                    if index + 1 < len(routes):
+                        LOG.info("%s: %s: %s; trying %s", what, route.endpoint.describe(), failure.reason,
+                                 routes.endpoints[index + 1].describe())
+                except RegistryRequestError as error:
+                    if error.status is not None:
+                        count_failure(route.url, HostFailure("", error.status))
+                    raise
+            last = failures[-1][1]
+            if not last.retry:
+                break
             LOG.debug("%s: %s (attempt %d of %d)", what, last.reason, number + 1, attempts)
-        assert last is not None
-        raise RegistryRequestError(
-            f"{what}: {last.reason} (gave up after {attempts} attempts)", ref=ref, digest=digest, status=last.status
-        )
+        last = failures[-1][1]
+        if len(failures) == 1:
+            reason = last.reason
+        else:
+            reason = "; ".join(f"{route.endpoint.describe()}: {failure.reason}" for route, failure in failures)
+        gave_up = f" (gave up after {number + 1} attempts)" if last.retry else ""
+        raise RegistryRequestError(f"{what}: {reason}{gave_up}", ref=ref, digest=digest, status=last.status)
 
-    async def send(
-        self, url: httpx.URL, headers: Mapping[str, str], auth: RegistryAuth
-    ) -> httpx.Response:
-        """One streamed GET; transport failures become _Retryable. Caller closes the response."""
-        request = self.http.build_request("GET", url, headers=dict(headers))
+    async def send(self, route: Route, url: httpx.URL, headers: Mapping[str, str]) -> httpx.Response:
+        """One streamed GET; transport failures become HostFailure. Caller closes the response."""
+        extra = route.endpoint.headers if url.netloc == route.url.netloc else ()
+        request = route.http.build_request("GET", url, headers=[*extra, *headers.items()])
         try:
-            response = await self.http.send(request, auth=auth, stream=True, follow_redirects=False)
+            response = await route.http.send(request, auth=route.auth, stream=True, follow_redirects=False)
         except httpx.TransportError as exc:
-            raise _Retryable(_describe_transport_error(exc)) from None
-        _made_progress()
-        LOG.debug("GET %s %s -> %d", _url_for_log(url), headers.get("Range", ""), response.status_code)
+            raise transport_failure(exc, url.netloc.decode("ascii", "replace")) from None
+        made_progress()
+        LOG.debug("GET %s %s -> %d", url_for_log(url), headers.get("Range", ""), response.status_code)
         return response
 
     # --- manifests ------------------------------------------------------------------------------
@@ -276,48 +293,53 @@ class RegistryClient:
     ) -> dict:
         """The image manifest JSON; an index/list is resolved to `platform_spec` (default: this host)."""
         reference = as_reference(ref)
-        auth = self.auth_for(reference, credentials=credentials)
-        document = await self._fetch_manifest(reference, reference.digest or reference.tag or "latest", auth)
+        document = await self._fetch_manifest(reference, reference.digest or reference.tag or "latest", credentials)
         media_type = document.get("mediaType")
         if media_type in INDEX_MEDIA_TYPES or (media_type is None and "manifests" in document):
             digest = _pick_platform(reference, document, platform_spec or _host_platform())
-            document = await self._fetch_manifest(reference, digest, auth)
+            document = await self._fetch_manifest(reference, digest, credentials)
         if not isinstance(document.get("layers"), list):
             raise RegistryRequestError(f"{reference}: manifest has no 'layers' list", ref=reference, digest=None)
         return document
 
-    async def _fetch_manifest(self, ref: Reference, selector: str, auth: RegistryAuth) -> dict:
-        url = httpx.URL(f"{self.base_url(ref)}/manifests/{selector}")
+    async def _fetch_manifest(self, ref: Reference, selector: str, credentials: Credentials | None) -> dict:
+        by_digest = selector.startswith("sha256:")
+        # A tag is resolved only by a host trusted to (capability "resolve"); a digest checks itself.
+        endpoints = self.endpoints(ref, "pull" if by_digest else "resolve")
+        routes = Routes(self, ref, endpoints, f"manifests/{selector}", credentials, False)
         accept = ", ".join(MANIFEST_MEDIA_TYPES + INDEX_MEDIA_TYPES)
         what = f"{ref}: GET manifest {selector}"
 
-        async def attempt() -> bytes:
-            response = await self.send(url, {"Accept": accept}, auth)
+        async def attempt(_index: int, route: Route) -> bytes:
+            response = await self.send(route, route.url, {"Accept": accept})
             try:
                 status = response.status_code
-                if status >= 500:
-                    raise _Retryable(f"HTTP {status}", status)
+                if status >= 500 or status == 404:
+                    raise HostFailure(f"HTTP {status}{_status_hint(status)}", status, retry=status != 404)
                 if status != 200:
                     raise RegistryRequestError(
                         f"{what}: HTTP {status}{_status_hint(status)}", ref=ref, digest=None, status=status
                     )
+                declared = response.headers.get("Content-Length", "")
+                expect_bytes(int(declared) if declared.isdigit() else _MAX_MANIFEST_BYTES)
                 body = bytearray()
                 try:
                     async for piece in response.aiter_raw():
-                        _made_progress()
+                        made_progress()
+                        count_bytes(route.url, len(piece))
                         body += piece
                         if len(body) > _MAX_MANIFEST_BYTES:
                             raise RegistryRequestError(
                                 f"{what}: manifest larger than {_MAX_MANIFEST_BYTES} bytes", ref=ref, digest=None
                             )
                 except httpx.TransportError as exc:
-                    raise _Retryable(_describe_transport_error(exc)) from None
+                    raise transport_failure(exc, route.endpoint.netloc) from None
                 return bytes(body)
             finally:
                 await response.aclose()
 
-        raw = await self.with_retries(what, ref, None, attempt)
-        if selector.startswith("sha256:") and "sha256:" + hashlib.sha256(raw).hexdigest() != selector:
+        raw, _ = await self.first_answer(what, ref, None, routes, attempt, expected_bytes=64 << 10)
+        if by_digest and "sha256:" + hashlib.sha256(raw).hexdigest() != selector:
             raise RegistryRequestError(f"{what}: manifest digest mismatch", ref=ref, digest=None)
         try:
             document = json.loads(raw)
@@ -359,18 +381,18 @@ def _status_hint(status: int) -> str:
 
 
 class BlobReader:
-    """Ranged reads of one blob; remembers its size and a redirect target once learned."""
+    """Ranged reads of one blob; remembers its size, the host that answered and a redirect target."""
 
-    def __init__(self, client: RegistryClient, ref: Reference, digest: str, auth: RegistryAuth) -> None:
+    def __init__(self, client: RegistryClient, ref: Reference, digest: str, routes: Routes) -> None:
         self.ref = ref
         self.digest = digest
         self.size: int | None = None
         self.requests = 0
         self.bytes_read = 0
         self._client = client
-        self._auth = auth
-        self._url = httpx.URL(f"{client.base_url(ref)}/blobs/{digest}")
-        self._redirect: httpx.URL | None = None
+        self._routes = routes
+        self._host = 0  # index of the host that answered last: later reads start there
+        self._redirect: tuple[int, httpx.URL] | None = None  # (host index, target) learned from a 3xx
 
     def __repr__(self) -> str:
         return f"BlobReader({str(self.ref)!r}, {self.digest!r}, size={self.size})"
@@ -379,6 +401,11 @@ class BlobReader:
     def redirected(self) -> bool:
         """True once the registry sent this blob elsewhere (later reads go straight there)."""
         return self._redirect is not None
+
+    @property
+    def host(self) -> str:
+        """host[:port] that answered the last read (or will be asked first)."""
+        return self._routes.endpoints[self._host].netloc
 
     def _fail(self, message: str, status: int | None = None) -> RegistryRequestError:
         return RegistryRequestError(
@@ -414,6 +441,9 @@ class BlobReader:
                 self.size = total
                 return data, total
             if status == 200:
+                declared = response.headers.get("Content-Length", "")
+                if declared.strip().isdigit():
+                    expect_bytes(int(declared))  # the whole blob is coming
                 tail = bytearray()
                 received = 0
                 async for piece in self._iter_body(response):
@@ -426,7 +456,7 @@ class BlobReader:
                 return bytes(tail[-length:]), received
             raise self._fail(f"{range_value}: unexpected HTTP {status}", status)
 
-        return await self._read(range_value, consume)
+        return await self._read(range_value, length, consume)
 
     async def read_range(self, start: int, end: int, *, up_to_end: bool = False) -> bytes:
         """Exactly the bytes [start, end) of the blob.
@@ -468,33 +498,38 @@ class BlobReader:
                 return await self._slice_full_body(response, start, end, up_to_end=up_to_end)
             raise self._fail(f"{range_value}: unexpected HTTP {status}", status)
 
-        return await self._read(range_value, consume)
+        return await self._read(range_value, end - start, consume)
 
     # --- internals ------------------------------------------------------------------------------
 
-    async def _read(self, range_value: str, consume: Callable[[httpx.Response], Awaitable[T]]) -> T:
+    async def _read(
+        self, range_value: str, expected_bytes: int, consume: Callable[[httpx.Response], Awaitable[T]]
+    ) -> T:
         what = f"{self.ref} blob {self.digest}: GET {range_value}"
 
-        async def attempt() -> T:
-            response = await self._open(range_value)
+        async def attempt(index: int, route: Route) -> T:
+            response = await self._open(index, route, range_value)
             try:
                 result = await consume(response)
             except httpx.TransportError as exc:
-                raise _Retryable(_describe_transport_error(exc)) from None
+                raise transport_failure(exc, response.request.url.netloc.decode("ascii", "replace")) from None
             finally:
                 await response.aclose()
             self.requests += 1
             return result
 
-        return await self._client.with_retries(what, self.ref, self.digest, attempt)
+        result, self._host = await self._client.first_answer(
+            what, self.ref, self.digest, self._routes, attempt, expected_bytes=expected_bytes, start=self._host
+        )
+        return result
 
-    async def _open(self, range_value: str) -> httpx.Response:
+    async def _open(self, index: int, route: Route, range_value: str) -> httpx.Response:
         """Send the GET (to the learned redirect target if any), following at most one 3xx."""
         headers = {"Range": range_value}
-        via_cached_redirect = self._redirect is not None
-        url = self._redirect or self._url
-        response = await self._client.send(url, headers, self._auth)
-        if response.is_redirect and not via_cached_redirect:
+        cached = self._redirect[1] if self._redirect is not None and self._redirect[0] == index else None
+        url = cached or route.url
+        response = await self._client.send(route, url, headers)
+        if response.is_redirect and cached is None:
             location = response.headers.get("Location", "")
             await response.aclose()
             try:
@@ -503,21 +538,25 @@ class BlobReader:
                 raise self._fail(f"GET {range_value}: redirect with an invalid Location") from None
             if target.scheme not in ("http", "https"):
                 raise self._fail(f"GET {range_value}: redirect to unsupported scheme {target.scheme!r}")
-            self._redirect = target
+            self._redirect = (index, target)
             LOG.debug("%s: redirected to %s", self.digest, target.host)
-            response = await self._client.send(target, headers, self._auth)
+            response = await self._client.send(route, target, headers)
         status = response.status_code
         if response.is_redirect:
             await response.aclose()
             raise self._fail(f"GET {range_value}: more than one redirect (only one hop is followed)", status)
         if status >= 500:
             await response.aclose()
-            raise _Retryable(f"HTTP {status}", status)
-        if via_cached_redirect and status in (401, 403, 404, 410):
+            raise HostFailure(f"HTTP {status}", status)
+        if cached is not None and status in (401, 403, 404, 410):
             # A presigned redirect URL expired: forget it and ask the registry again.
             await response.aclose()
             self._redirect = None
-            raise _Retryable(f"redirect target answered HTTP {status}", status)
+            raise HostFailure(f"redirect target answered HTTP {status}", status)
+        if status == 404 or (route.endpoint.mirror and status in (401, 403)):
+            # This host does not have it (or will not give it to us): the next host may.
+            await response.aclose()
+            raise HostFailure(f"HTTP {status}{_status_hint(status)}", status, retry=False)
         if status not in (200, 206, 416):
             await response.aclose()
             raise self._fail(f"GET {range_value}: HTTP {status}{_status_hint(status)}", status)
@@ -545,9 +584,11 @@ class BlobReader:
             return None
 
     async def _iter_body(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        url = response.request.url
         async for piece in response.aiter_raw():
-            _made_progress()
+            made_progress()
             self.bytes_read += len(piece)
+            count_bytes(url, len(piece))
             yield piece
 
     async def _read_exact(self, response: httpx.Response, expected: int) -> bytes:
@@ -560,16 +601,17 @@ class BlobReader:
             if len(body) > expected:
                 raise self._fail(f"answer longer than the requested {expected} bytes")
         if len(body) != expected:
-            raise _Retryable(f"truncated body: got {len(body)} of {expected} bytes")
+            raise HostFailure(f"truncated body: got {len(body)} of {expected} bytes", kind="protocol")
         return bytes(body)
 
     def _check_full_length(self, response: httpx.Response, received: int) -> None:
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.strip().isdigit() and int(declared) != received:
-            raise _Retryable(f"truncated body: got {received} of {declared} bytes")
+            raise HostFailure(f"truncated body: got {received} of {declared} bytes", kind="protocol")
 
     async def _slice_full_body(self, response: httpx.Response, start: int, end: int, *, up_to_end: bool = False) -> bytes:
         """A 200 answered our range with the whole blob: stream to `end`, keep [start, end)."""
+        expect_bytes(end)
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.strip().isdigit():
             self.size = int(declared)

@@ -33,6 +33,7 @@ _PATH_COMPONENT_RE = re.compile(rf"^{_PATH_COMPONENT}$")
 _DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _MAX_NAME_LENGTH = 255
+_MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ def parse_reference(ref: str) -> Reference:
     domain, path = _split_domain(remainder)
     if not _DOMAIN_RE.match(domain):
         raise UsageError(f"invalid image reference {ref!r}: invalid registry host {domain!r}")
+    _bare, port = split_host_port(domain)
+    if port is not None and not valid_port(port):
+        raise UsageError(f"invalid image reference {ref!r}: port {port} is not in 1-{_MAX_PORT}")
     components = path.split("/")
     for component in components:
         if not _PATH_COMPONENT_RE.match(component):
@@ -121,6 +125,18 @@ def parse_reference(ref: str) -> Reference:
 
 def as_reference(ref: "Reference | str") -> Reference:
     return ref if isinstance(ref, Reference) else parse_reference(ref)
+
+
+def valid_port(port: int) -> bool:
+    return 0 < port <= _MAX_PORT
+
+
+def validate_registry_host(host: str, what: str) -> str:
+    """`host[:port]` as a registry is written in a reference (for --insecure-registry and the like)."""
+    _bare, port = split_host_port(host)
+    if not _DOMAIN_RE.fullmatch(host) or (port is not None and not valid_port(port)):
+        raise UsageError(f"{what} {host!r} is not a registry HOST[:PORT]")
+    return host
 
 
 def split_host_port(host: str) -> tuple[str, int | None]:

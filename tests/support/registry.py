@@ -1,5 +1,8 @@
 """A real loopback docker-registry (distribution 2.8.2) for tests, with a parsed access log.
 
+It can serve HTTPS (`tls=RegistryTls(...)`, certificates from support.pki, optionally requiring a
+client certificate) and run as a pull-through cache of another registry (`proxy_remote=URL`).
+
 The registry writes its access log (gorilla combined log format) to stdout and its application log to
 stderr; we redirect them to two files in the work dir. Tests use the access log as the oracle for
 "which bytes did the lazy filesystem really fetch".
@@ -15,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -38,6 +42,17 @@ _ACCESS_LINE = re.compile(
     r'"(?P<method>[A-Z]+) (?P<uri>\S+) (?P<proto>[^"]*)" (?P<status>\d{3}) (?P<bytes>\d+|-)'
     r'(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?'
 )
+
+
+@dataclass(frozen=True)
+class RegistryTls:
+    """HTTPS for a test registry: its certificate and key, the CAs a client certificate must chain
+    to (none: no client certificate asked for), and how the tests' own requests trust it."""
+
+    cert: Path
+    key: Path
+    trust: ssl.SSLContext
+    client_cas: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,9 +201,13 @@ class RegistryProcess:
         *,
         htpasswd: Path | None = None,
         token_auth: dict | None = None,
+        tls: RegistryTls | None = None,
+        proxy_remote: str | None = None,
     ) -> None:
         if htpasswd is not None and token_auth is not None:
             raise ValueError("choose either htpasswd or token_auth, not both")
+        self.tls = tls
+        self.proxy_remote = proxy_remote
         if token_auth is not None:
             missing = {"realm", "service", "issuer", "rootcertbundle"} - set(token_auth)
             if missing:
@@ -215,7 +234,12 @@ class RegistryProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}"
+
+    def _get(self, path: str, timeout: float) -> httpx.Response:
+        """The tests' own request to this registry (trusting its test CA when it serves HTTPS)."""
+        verify: ssl.SSLContext | bool = self.tls.trust if self.tls is not None else True
+        return httpx.get(f"{self.url}{path}", timeout=timeout, verify=verify)
 
     @property
     def running(self) -> bool:
@@ -237,6 +261,13 @@ class RegistryProcess:
             },
             "http": {"addr": self.host, "secret": "stargzfs-test-only-secret"},
         }
+        if self.tls is not None:
+            tls: dict = {"certificate": str(self.tls.cert), "key": str(self.tls.key)}
+            if self.tls.client_cas:
+                tls["clientcas"] = [str(path) for path in self.tls.client_cas]
+            config["http"]["tls"] = tls
+        if self.proxy_remote is not None:
+            config["proxy"] = {"remoteurl": self.proxy_remote}
         if self.htpasswd is not None:
             config["auth"] = {"htpasswd": {"realm": HTPASSWD_REALM, "path": str(self.htpasswd)}}
         elif self.token_auth is not None:
@@ -285,7 +316,7 @@ class RegistryProcess:
 
     def _answers(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/v2/", timeout=1.0).status_code in (200, 401)
+            return self._get("/v2/", 1.0).status_code in (200, 401)
         except httpx.TransportError:
             return False
 
@@ -338,7 +369,7 @@ class RegistryProcess:
             return
         marker = f"{_SYNC_QUERY}={os.getpid()}-{next(self._sync_counter)}"
         try:
-            httpx.get(f"{self.url}/v2/?{marker}", timeout=5.0)
+            self._get(f"/v2/?{marker}", 5.0)
         except httpx.TransportError:
             return
         deadline = time.monotonic() + 5.0
@@ -387,7 +418,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProce
 
 @pytest.fixture
 def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RegistryProcess]]:
-    """`registry_factory(htpasswd=..., token_auth=..., seed_from=...)` -> started private registry.
+    """`registry_factory(htpasswd=..., token_auth=..., seed_from=..., tls=..., proxy_remote=...)` -> started
+    private registry.
 
     `seed_from=registry` copies the images already pushed there (e.g. cached ones) so an auth test can
     serve them without pushing with credentials. Stopped at teardown.
@@ -399,9 +431,12 @@ def registry_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Calla
         htpasswd: Path | None = None,
         token_auth: dict | None = None,
         seed_from: RegistryProcess | None = None,
+        tls: RegistryTls | None = None,
+        proxy_remote: str | None = None,
     ) -> RegistryProcess:
         process = RegistryProcess(
-            tmp_path_factory.mktemp("registry"), htpasswd=htpasswd, token_auth=token_auth
+            tmp_path_factory.mktemp("registry"), htpasswd=htpasswd, token_auth=token_auth, tls=tls,
+            proxy_remote=proxy_remote,
         )
         started.append(process)
         if seed_from is not None:
