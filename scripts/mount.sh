@@ -16,5 +16,9 @@ cat <<MSG
 stargzfs is serving $root on $mnt
   look:     ls -l $mnt            # one dir per snapshot id in $root/metadata.db
             ls -l $mnt/<id>/      # = $root/snapshots/<id>/fs/
+  an image: $(pwd)/.venv/bin/stargzfs mount-image $mnt <top id> TARGET
+            # TARGET shows the image's root filesystem on the kernel's erofs; its files'
+            # bytes are fetched from the registry when first read (MNT/.blobs/<hex>)
+            $(pwd)/.venv/bin/stargzfs umount TARGET
   unmount:  $(pwd)/.venv/bin/stargzfs umount $mnt   (or: fusermount3 -u $mnt)
 MSG

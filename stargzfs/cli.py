@@ -7,17 +7,23 @@ import sys
 from collections.abc import Sequence
 
 from stargzfs import __version__, cliutil
-from stargzfs.commands import mount, mount_image, status, toc
 
-SUBCOMMANDS = (toc, status, mount, mount_image)
+#: command name -> the module that registers it
+SUBCOMMANDS = {
+    "toc": "stargzfs.commands.toc",
+    "status": "stargzfs.commands.status",
+    "mount": "stargzfs.commands.mount",
+    "umount": "stargzfs.commands.mount",
+    "mount-image": "stargzfs.commands.mount_image",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return cliutil.build_parser("stargzfs", __doc__, f"stargzfs {__version__}", SUBCOMMANDS)
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    return cliutil.build_lazy_parser("stargzfs", __doc__, f"stargzfs {__version__}", SUBCOMMANDS, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cliutil.run(build_parser(), argv)
+    return cliutil.run(build_parser(argv), argv)
 
 
 if __name__ == "__main__":

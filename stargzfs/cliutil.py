@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -135,6 +136,19 @@ def build_parser(prog: str, description: str, version: str, modules: Iterable[Mo
     for module in modules:
         module.register(sub)
     return parser
+
+
+def build_lazy_parser(
+    prog: str, description: str, version: str, commands: Mapping[str, str], argv: Sequence[str] | None
+) -> argparse.ArgumentParser:
+    """`build_parser` importing only the module of the sub-command `argv` names (`commands`
+    maps command names to module paths). Start-up time counts: the snapshotter runs the
+    builder once per layer, and `stargzfs mount-image` is on the path to an image's first
+    byte; `--help` and unknown commands still list them all."""
+    words = sys.argv[1:] if argv is None else argv
+    requested = next((word for word in words if not word.startswith("-")), None)
+    wanted = [commands[requested]] if requested in commands else list(dict.fromkeys(commands.values()))
+    return build_parser(prog, description, version, [importlib.import_module(path) for path in wanted])
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

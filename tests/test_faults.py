@@ -9,6 +9,8 @@ answering meanwhile.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import re
@@ -16,9 +18,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from stargzfs.rafs.check import check_bootstrap
 from stargzfs.snapshots import layout
 from support.crafted import crafted_layer, sha256
+from support.fault_proxy import SIGNATURE
 from support.images import upload_blob
 from support.registry import RegistryProcess
 from support.snapshot_root import ChainLayer, SnapshotRoot, hex_of, image_chain, image_cli_ok, write_root
@@ -156,3 +161,57 @@ def test_a_thousand_parallel_stats_over_sixteen_layers_convert_each_once(
     for index in range(16):
         assert len(re.findall(rf"snapshot {root.sid(f's{index}')}: converted layer", log)) == 1
     assert "Traceback" not in log
+
+
+# ------------------------------------------------------------------ a failing registry, through the mount
+@pytest.mark.parametrize(
+    ("fault", "outcome"),
+    [
+        ("503", errno.EIO), ("reset", errno.EIO), ("truncate", errno.EIO), ("stall", errno.EIO),
+        ("drip:0.5", errno.EIO), ("bad-range", errno.EIO), ("trickle", 0), ("full200", 0), ("signed-redirect", 0),
+    ],
+)
+def test_registry_faults_through_a_mount(
+    fault: str, outcome: int, registry: RegistryProcess, fault_proxy_factory, snapdb, daemons, tmp_path: Path
+) -> None:
+    """The right errno within the deadline, the rest of the mount answering meanwhile, nothing
+    partial left, one conversion per layer, and no signature or secret in the daemon's log."""
+    layers = _layers(registry, f"fault-{fault.partition(':')[0]}", 2)
+    proxy = fault_proxy_factory(registry.host)
+    proxy.fault = f"{fault}:{registry.url}" if fault == "signed-redirect" else fault
+    proxied = [ChainLayer(f"{proxy.host}/{layer.ref.split('/', 1)[1]}", layer.digest, layer.toc_digest) for layer in layers]
+    root = SnapshotRoot(tmp_path / "root", write_root(snapdb, tmp_path / "root", {"f": proxied[:1], "ok": layers[1:]}))
+    daemon = daemons(root.root, "--registry-timeout", "1", "--registry-retries", "0",
+                     config={"retry_backoff": 0.2, "retry_backoff_max": 0.2})
+    target = daemon.mountpoint / root.sid("f") / hex_of(layers[0].digest)
+    result: list[int] = []
+    looker = threading.Thread(target=lambda: result.append(_errno_of(target)))
+    started = time.monotonic()
+    looker.start()
+    other = daemon.mountpoint / root.sid("ok") / hex_of(layers[1].digest)
+    assert os.stat(other).st_size > 0  # another layer converts while the faulty one is pending
+    looker.join(timeout=60)
+    elapsed = time.monotonic() - started
+    assert result == [outcome], (fault, result)
+    assert elapsed < 20  # a generous bound on the deadline: timeout + bytes / min rate, no retries
+    proxy.release.set()  # a stalled answer may go now
+    log = daemon.log_text()
+    assert SIGNATURE not in log and "X-Amz" not in log and "Traceback" not in log
+    fs = root.fs("f")
+    if outcome:
+        assert hex_of(layers[0].digest) not in os.listdir(fs)
+        recorded = json.loads((root.root / "stargzfs" / "state.json").read_text())["layers"][hex_of(layers[0].digest)]
+        assert recorded["status"] == "error" and SIGNATURE not in recorded["error"]
+        proxy.fault = "pass"  # the registry heals: after the backoff the same stat converts
+        time.sleep(0.3)
+        assert os.stat(target).st_size > 0
+    assert len(re.findall(rf"snapshot {root.sid('f')}: converted layer", daemon.log_text())) == 1
+    assert check_bootstrap((fs / hex_of(layers[0].digest)).read_bytes()).ok
+
+
+def _errno_of(path: Path) -> int:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno or -1
+    return 0

@@ -137,9 +137,9 @@ def test_status_bad_roots(
 
 
 def test_state_missing_or_corrupt_reads_empty(tmp_path: Path) -> None:
-    assert state.load_state(tmp_path) == {"layers": {}, "images": {}}
+    assert state.load_state(tmp_path) == {"layers": {}, "images": {}, "blobs": {}}
     _write(state.state_path(tmp_path), b'{"layers": [1, 2], "images": {"3": "nope"')
-    assert state.load_state(tmp_path) == {"layers": {}, "images": {}}
+    assert state.load_state(tmp_path) == {"layers": {}, "images": {}, "blobs": {}}
 
 
 def test_state_records_and_replaces_atomically(tmp_path: Path) -> None:

@@ -29,11 +29,12 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,9 @@ sys.path.insert(0, str(BENCHES))
 
 from _stargz_peer import PeerImageMount, StargzPeer, ensure_apt_packages, peer_binary  # noqa: E402
 from support.images import Containerd, FileSpec, PushedImage, build_image  # noqa: E402
+from support.gohelper import Snapdb, build_snapdb  # noqa: E402
 from support.registry import RegistryProcess  # noqa: E402
+from support.snapshot_root import STARGZFS, ChainLayer, Daemon, SnapshotRoot, start_daemon, write_root  # noqa: E402
 
 CHUNK = 1 << 20
 MIB = 1 << 20
@@ -156,8 +159,16 @@ class Contender(ABC):
     name: str
 
     @abstractmethod
+    def launch(self, image: BenchImage, state: Path) -> None:
+        """Start the daemon (not timed: a node runs it before any image is wanted); `state` holds caches."""
+
+    @abstractmethod
+    def mount_image(self) -> None:
+        """From a running daemon to the image mounted at `view` (timed as part of the first byte)."""
+
     def start(self, image: BenchImage, state: Path) -> None:
-        """From nothing (no daemon, empty `state` for caches) to the image mounted at `view`."""
+        self.launch(image, state)
+        self.mount_image()
 
     @property
     @abstractmethod
@@ -218,11 +229,14 @@ class PeerContender(Contender):
         self._image: BenchImage | None = None
         self._state: Path | None = None
 
-    def start(self, image: BenchImage, state: Path) -> None:
+    def launch(self, image: BenchImage, state: Path) -> None:
         self._image, self._state = image, state
         self._peer = StargzPeer(state, self.work / "peer.log", self.config)
         self._peer.start()
         self._mount = PeerImageMount(self._peer, image.pushed, self.work / "mnt-peer")
+
+    def mount_image(self) -> None:
+        assert self._mount is not None
         self._mount.mount()
 
     @property
@@ -256,43 +270,86 @@ class PeerContender(Contender):
         return [pid] if pid is not None else []
 
 
-_HOOK = ("stargzfs's lazy image serving is not plugged in yet: implement StargzfsContender "
-         "(scripts/benches/lazy.py) with `stargzfs mount-image`")
-
-
 class StargzfsContender(Contender):
-    """HOOK for ours: the image served by `stargzfs mount-image` (layer blobs as lazily fetched files,
-    the kernel's erofs over the merged bootstrap), or `stargzfs mount` + a snapshotter root.
+    """Ours: a snapshotter root for the image, `stargzfs mount` over it, and `stargzfs mount-image`:
+    the layer blobs as lazily fetched files, the kernel's erofs over the merged bootstrap.
 
-    start(image, state): run the daemon with its cache dir in `state` (image.pushed.ref,
-    image.pushed.layers[*].digest/.toc_digest say what to serve) and mount the merged tree at `view`;
-    remount(): unmount + mount, same daemon; restart(): new daemon, same `state`;
-    stop(): unmount all, end the daemon; pids(): the daemon (+ any helper processes).
+    `launch` (untimed, like the peer's process start) writes metadata.db with containerd's own
+    storage code and starts the daemon; `mount_image` (timed) converts and merges the chain
+    (image.boot), then mounts it.
     """
 
     name = "stargzfs"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, extra: Sequence[str] = ()) -> None:
         self.work = work
+        self.extra = list(extra)
+        self._daemon: Daemon | None = None
+        self._root: SnapshotRoot | None = None
+        self._view = work / "mnt-stargzfs-image"
+        self._logs = 0
 
-    def start(self, image: BenchImage, state: Path) -> None:
-        raise NotImplementedError(_HOOK)
+    def launch(self, image: BenchImage, state: Path) -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        root = state / "root"
+        if not (root / "metadata.db").exists():
+            chain = [ChainLayer(image.pushed.ref, layer.digest, layer.toc_digest) for layer in image.pushed.layers]
+            self._root = SnapshotRoot(root, write_root(Snapdb(build_snapdb(self.work)), root, {"bench": chain}))
+        else:
+            self._root = SnapshotRoot(root, {})
+        self._start_daemon()
+
+    def _start_daemon(self) -> None:
+        assert self._root is not None
+        self._logs += 1
+        mountpoint = self.work / "mnt-stargzfs"
+        self._daemon = start_daemon(self._root.root, mountpoint, self.work / f"stargzfs{self._logs}.log",
+                                    "--log-level", "info", *self.extra)
+
+    def mount_image(self) -> None:
+        assert self._daemon is not None and self._root is not None
+        self._view.mkdir(parents=True, exist_ok=True)
+        top = max(os.listdir(self._root.root / "snapshots"), key=int)
+        done = subprocess.run([STARGZFS, "mount-image", str(self._daemon.mountpoint), top, str(self._view)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"stargzfs mount-image failed: {done.stderr.strip()}")
 
     @property
     def view(self) -> Path:
-        raise NotImplementedError(_HOOK)
+        return self._view
+
+    def _umount_image(self) -> None:
+        if self._view.is_mount():
+            subprocess.run([STARGZFS, "umount", str(self._view)], check=True, capture_output=True)
 
     def remount(self) -> None:
-        raise NotImplementedError(_HOOK)
+        self._umount_image()
+        self.mount_image()
 
     def restart(self) -> None:
-        raise NotImplementedError(_HOOK)
+        self._umount_image()
+        if self._daemon is not None:
+            self._daemon.stop()
+        self._start_daemon()
+        self.mount_image()
 
     def stop(self) -> None:
-        pass  # nothing was started
+        try:
+            self._umount_image()
+        finally:
+            daemon, self._daemon = self._daemon, None
+            if daemon is not None:
+                daemon.stop()
 
     def pids(self) -> list[int]:
-        return []
+        return [self._daemon.pid] if self._daemon is not None else []
+
+
+def drop_caches() -> None:
+    """The kernel's page cache out of the picture: a remount must read from the contender."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,10 +385,12 @@ def _timed_read(contender: Contender, image: BenchImage) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _started(contender: Contender, image: BenchImage, state: Path) -> Iterator[Contender]:
-    """start() .. stop(), with stop() also after a start() that failed half way (no stray mounts)."""
+def _launched(contender: Contender, image: BenchImage, state: Path, *, mount: bool) -> Iterator[Contender]:
+    """launch() [+ mount_image()] .. stop(), stop() also after a half-way failure (no stray mounts)."""
     try:
-        contender.start(image, state)
+        contender.launch(image, state)
+        if mount:
+            contender.mount_image()
         yield contender
     finally:
         contender.stop()
@@ -340,9 +399,10 @@ def _started(contender: Contender, image: BenchImage, state: Path) -> Iterator[C
 def measure(contender: Contender, image: BenchImage, work: Path, idle_seconds: float) -> dict[str, float]:
     """The whole sequence for one contender, each part from the state the module docstring names."""
     result: dict[str, float] = {}
-    mark = image.registry.mark()
-    started = time.perf_counter()
-    with _started(contender, image, work / f"{contender.name}-state-first"):
+    with _launched(contender, image, work / f"{contender.name}-state-first", mount=False):
+        mark = image.registry.mark()
+        started = time.perf_counter()
+        contender.mount_image()
         mounted = time.perf_counter()
         if len(contender.first_byte(image.deep_file)) != 1:
             raise RuntimeError(f"{contender.name}: {image.deep_file} read no byte")
@@ -354,18 +414,21 @@ def measure(contender: Contender, image: BenchImage, work: Path, idle_seconds: f
             time.sleep(idle_seconds)
             result["idle_requests"], result["idle_bytes"] = served(image, mark)
 
-    with _started(contender, image, work / f"{contender.name}-state"):
+    with _launched(contender, image, work / f"{contender.name}-state", mount=True):
         _reset_peak_rss(contender.pids())
         cold = _timed_read(contender, image)
         result["cold_peak_rss_mib"] = _peak_rss_mib(contender.pids())
         result.update({f"cold_{key}": value for key, value in cold.items()})
         contender.remount()
+        drop_caches()  # what the contender caches on disk, not what the kernel kept in memory
         result.update({f"warm_{key}": value for key, value in _timed_read(contender, image).items()})
         contender.remount()
+        drop_caches()
         started = time.perf_counter()
         count = contender.stat_all(image.files)
         result["stat_files_s"] = count / (time.perf_counter() - started)
         contender.restart()
+        drop_caches()
         result.update({f"restart_{key}": value for key, value in _timed_read(contender, image).items()})
     return result
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from stargzfs import metrics
 from stargzfs.errors import StargzfsError
 from stargzfs.estargz.codec import Codec
 from stargzfs.estargz.codecs import codec_for_data
@@ -58,7 +59,8 @@ class _Flight:
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    readahead: int = 4 << 20  # compressed bytes fetched past what a read needs
+    readahead_min: int = 128 << 10  # compressed bytes fetched past what a random read needs
+    readahead: int = 4 << 20  # the most past a read, reached by doubling while reads are sequential
     max_span: int = 8 << 20  # compressed bytes of one ranged GET (unless one chunk needs more)
 
 
@@ -98,6 +100,8 @@ class LazyBlob:
         self.idle = trio.Event()  # set while no read waits for a fetch (background work yields)
         self.idle.set()
         self._waiting_reads = 0
+        self._next_sequential = -1  # where a read continuing the previous one would start
+        self._window = policy.readahead_min
 
     # ------------------------------------------------------------------ reading
     def _present(self, chunk: PlannedChunk) -> bool:
@@ -120,19 +124,33 @@ class LazyBlob:
         if offset >= self.size or size <= 0:
             return b""
         size = min(size, self.size - offset)
-        needed = [chunk for chunk in self.chunks_for(offset, size) if not self._present(chunk)]
+        wanted = self.chunks_for(offset, size)
+        needed = [chunk for chunk in wanted if not self._present(chunk)]
+        metrics.CHUNK_CACHE_HITS.inc(len(wanted) - len(needed))
+        self._adapt_window(offset, size)
         if needed:
             self._waiting_reads += 1
             self.idle = trio.Event() if self.idle.is_set() else self.idle
             try:
-                await self.ensure(needed, readahead=self._policy.readahead)
+                await self.ensure(needed, readahead=self._window)
             finally:
                 self._waiting_reads -= 1
                 if not self._waiting_reads:
                     self.idle.set()
         else:
             self.stats.reads_from_cache += 1
-        return await trio.to_thread.run_sync(self.cache.read, offset, size)
+        data = await trio.to_thread.run_sync(self.cache.read, offset, size)
+        metrics.CHUNK_BYTES.inc(len(data))
+        return data
+
+    def _adapt_window(self, offset: int, size: int) -> None:
+        """Readahead grows while reads continue each other (a scan) and starts small otherwise,
+        so a first byte costs little and reading a whole image costs few requests."""
+        if offset == self._next_sequential:
+            self._window = min(self._window * 2, self._policy.readahead)
+        elif not self._next_sequential <= offset < self._next_sequential + self._policy.readahead:
+            self._window = self._policy.readahead_min
+        self._next_sequential = offset + size
 
     async def ensure(self, chunks: Sequence[PlannedChunk], *, readahead: int = 0) -> None:
         """Every chunk present, fetching what no one fetches yet; EIO if one could not be."""
@@ -206,6 +224,7 @@ class LazyBlob:
             self.stats.requests += 1
             self.stats.bytes_fetched += len(data)
             self.stats.chunks_fetched += len(group)
+            metrics.CHUNKS_FETCHED.inc(len(group))
             log.debug(
                 "blob %s: fetched [%d, %d) (%d chunks, %d bytes out) in %.3fs",
                 self.blob_id[:12], start, start + len(data), len(group), stored, time.monotonic() - started,

@@ -19,6 +19,7 @@ Every answer that is not a fault is the upstream's own. Faults (a default for ev
 - `stall`: half the body, then silence with the connection open.
 - `truncate`: half the body, then close.
 - `set-cookie`: forward, adding a Set-Cookie header whose value is COOKIE.
+- `bad-range`: forward, with a Content-Range one byte off what the body holds.
 - `endless-401`: 401 with a Basic challenge and a body that never ends (no Content-Length).
 - `require-basic`: 401 with a Basic challenge unless the request carries Basic credentials
   (which are not checked: `seen` shows what was sent); then forward.
@@ -157,6 +158,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 connection.close()
             if fault == "set-cookie":
                 passed["Set-Cookie"] = f"session={COOKIE}; Path=/"
+            if fault == "bad-range":
+                passed = {k: _shifted_range(v) if k.lower() == "content-range" else v for k, v in passed.items()}
             if fault in ("trickle", "stall", "truncate", "drip"):
                 self._send_slowly(fault, argument, answer.status, passed, body)
                 return
@@ -203,6 +206,16 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
     return Handler
+
+
+def _shifted_range(value: str) -> str:
+    """`bytes a-b/n` -> `bytes a+1-b+1/n`: a lie a careless or hostile server could tell."""
+    unit, _, rest = value.partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, last = span.partition("-")
+    if not (first.isdigit() and last.isdigit()):
+        return value
+    return f"{unit} {int(first) + 1}-{int(last) + 1}/{total}"
 
 
 @pytest.fixture
