@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         unit = "MiB/s" if expected is not None else "stats/s"
         rows.append({
             "measurement": name,
-            f"stargzfs": f"{unit_count / best['stargzfs']:.0f} {unit}",
+            "stargzfs": f"{unit_count / best['stargzfs']:.0f} {unit}",
             "bindfs": f"{unit_count / best['bindfs']:.0f} {unit}",
             "ratio (stargzfs/bindfs throughput)": f"{ratio:.2f}x",
         })

@@ -128,16 +128,7 @@ class BlobService:
         except OSError:
             return None
         try:
-            meta_fd = self.dirs.blob_meta_dir(fs_fd)
-            name = layout.blob_meta_name(layer_hex)
-            info = lstat_at(meta_fd, name)
-            if info is None or not stat.S_ISREG(info.st_mode):
-                return None
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=meta_fd)
-            try:
-                return os.pread(fd, info.st_size, 0)
-            finally:
-                os.close(fd)
+            return _read_file(self.dirs.blob_meta_dir(fs_fd), layout.blob_meta_name(layer_hex))
         finally:
             os.close(fs_fd)
 

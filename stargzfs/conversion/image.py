@@ -20,12 +20,10 @@ import trio
 
 from stargzfs import metrics
 from stargzfs.conversion.builder import Builder, run_builder
+from stargzfs.conversion.context import Converter, MountContext
 from stargzfs.conversion.errors import ConversionError
 from stargzfs.conversion.gate import ConversionGate
-from stargzfs.conversion.layer import Changed, LayerConverter
-from stargzfs.conversion.rootdirs import RootDirs
-from stargzfs.conversion.state import StateRecorder
-from stargzfs.conversion.table import LiveTable
+from stargzfs.conversion.layer import LayerConverter
 from stargzfs.errors import StargzfsError
 from stargzfs.fdpath import copy_file_at, is_regular_at, lstat_at, proc_path, publish, unlink_quietly
 from stargzfs.snapshots import layout
@@ -96,29 +94,12 @@ async def compose_image(
         unlink_quietly(top_fs_fd, temp)
 
 
-class ImageComposer:
+class ImageComposer(Converter):
     """image.boot in a snapshot's fs dir on demand: its chain converted, then merged once."""
 
-    def __init__(
-        self,
-        *,
-        dirs: RootDirs,
-        table: LiveTable,
-        gate: ConversionGate,
-        recorder: StateRecorder,
-        builder: Builder,
-        builder_slots: trio.CapacityLimiter,
-        layers: LayerConverter,
-        changed: Changed,
-    ) -> None:
-        self.dirs = dirs
-        self.table = table
-        self.gate = gate
-        self.recorder = recorder
-        self.builder = builder
-        self.builder_slots = builder_slots
+    def __init__(self, context: MountContext, gate: ConversionGate, *, layers: LayerConverter) -> None:
+        super().__init__(context, gate)
         self.layers = layers
-        self.changed = changed
 
     def refusal(self, snapshot_id: str) -> tuple[int, str] | None:
         return self.gate.refusal(snapshot_id)

@@ -25,11 +25,9 @@ import trio
 
 from stargzfs import metrics
 from stargzfs.conversion.builder import MALFORMED_STATUS, Builder, BuilderFailed, run_builder
+from stargzfs.conversion.context import Converter, MountContext
 from stargzfs.conversion.errors import ConversionError, NotConvertible
 from stargzfs.conversion.gate import ConversionGate
-from stargzfs.conversion.rootdirs import RootDirs
-from stargzfs.conversion.state import StateRecorder
-from stargzfs.conversion.table import LiveTable
 from stargzfs.errors import NotEstargzError, StargzfsError, UnsupportedError, UsageError
 from stargzfs.estargz.fetch import TocResult, fetch_toc
 from stargzfs.fdpath import NotRegularFile, copy_file_at, is_regular_at, lstat_at, open_dir_beneath, proc_path
@@ -39,8 +37,6 @@ from stargzfs.snapshots import layout
 from stargzfs.snapshots.store import LayerCandidate
 
 log = logging.getLogger(__name__)
-
-Changed = Callable[..., None]  # (snapshot_id, *names): files appeared in that snapshot's dir
 
 
 class LayerKey(NamedTuple):
@@ -225,33 +221,22 @@ def copy_layer_outputs(src_fs_fd: int, dst_fs_fd: int, layer_hex: str, *, with_b
     return copy(src_fs_fd, names[-1], dst_fs_fd, names[-1], temp=layout.merge_temp_name())
 
 
-class LayerConverter:
+class LayerConverter(Converter):
     """`<hex>` in a candidate's fs dir on demand: one conversion per layer digest, then copies."""
 
     def __init__(
         self,
-        *,
-        dirs: RootDirs,
-        table: LiveTable,
+        context: MountContext,
         gate: ConversionGate,
-        recorder: StateRecorder,
-        builder: Builder,
-        builder_slots: trio.CapacityLimiter,
+        *,
         registry: Callable[[], Awaitable[RegistryClient]],
         credentials: CredentialCache,
-        changed: Changed,
         on_bootstrap: Callable[[LayerCandidate], None] = lambda candidate: None,
     ) -> None:
-        self.dirs = dirs
-        self.on_bootstrap = on_bootstrap  # told whenever a candidate's bootstrap exists
-        self.table = table
-        self.gate = gate
-        self.recorder = recorder
-        self.builder = builder
-        self.builder_slots = builder_slots
+        super().__init__(context, gate)
         self.registry = registry
         self.credentials = credentials
-        self.changed = changed
+        self.on_bootstrap = on_bootstrap  # told whenever a candidate's bootstrap exists
         self.conversions = 0
         self._sources: dict[LayerKey, str] = {}  # key -> a snapshot id whose fs dir has its outputs
         self._checked: set[tuple[str, str]] = set()  # (snapshot id, toc digest) whose TOC file matched

@@ -20,6 +20,7 @@ import trio
 from stargzfs import metrics
 from stargzfs.conversion.blobs import LAZY_DIR, BlobService, BlobSettings
 from stargzfs.conversion.builder import bundled_builder, detect_builder
+from stargzfs.conversion.context import MountContext
 from stargzfs.conversion.gate import ConversionGate
 from stargzfs.conversion.image import ImageComposer
 from stargzfs.conversion.layer import LayerConverter
@@ -61,15 +62,11 @@ class SnapshotRootProvider:
             registry=self._registry, credentials=credentials,
             settings=BlobSettings(prefetch=settings.prefetch, background_fetch=settings.background_fetch),
         )
+        context = MountContext(self.dirs, self.table, recorder, builder, slots, self._changed)
         self.layers = LayerConverter(
-            dirs=self.dirs, table=self.table, gate=self._gate(), recorder=recorder, builder=builder,
-            builder_slots=slots, registry=self._registry, credentials=credentials, changed=self._changed,
-            on_bootstrap=self.blobs.note,
+            context, self._gate(), registry=self._registry, credentials=credentials, on_bootstrap=self.blobs.note,
         )
-        self.images = ImageComposer(
-            dirs=self.dirs, table=self.table, gate=self._gate(), recorder=recorder, builder=builder,
-            builder_slots=slots, layers=self.layers, changed=self._changed,
-        )
+        self.images = ImageComposer(context, self._gate(), layers=self.layers)
         candidates = [s.id for s in self.table.cached().all() if s.candidate is not None]
         self._startup_notes = self.dirs.sweep_temps(candidates)
 

@@ -203,53 +203,41 @@ class PassthroughOperations(pyfuse3.Operations):
         assert inode.fd is not None
         return self._attrs(inode.number, os.fstat(inode.fd), self.entry_timeout, self.attr_timeout)
 
-    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+    def _synthetic_attrs(
+        self, number: int, mode: int, *, size: int = 0, timeouts: tuple[float, float] | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """An inode no real file stands behind (MNT/, placeholders, lazy files): owned like ROOT,
+        dated from the mount's start."""
         attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = ROOT_NUMBER
-        attrs.entry_timeout = self.entry_timeout
-        attrs.attr_timeout = 0  # the listing changes with the snapshot store
-        attrs.st_mode = stat.S_IFDIR | 0o555
-        attrs.st_nlink = 2
+        attrs.st_ino = number
+        attrs.entry_timeout, attrs.attr_timeout = timeouts or (self.entry_timeout, self.attr_timeout)
+        attrs.st_mode = mode
+        attrs.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+        attrs.st_size = size
+        attrs.st_blocks = (size + 511) // 512
         attrs.st_uid = self._root_stat.st_uid
         attrs.st_gid = self._root_stat.st_gid
-        attrs.st_blksize = 4096
+        attrs.st_blksize = 1 << 20 if size else 4096
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
         return attrs
 
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        # attr timeout 0: the listing changes with the snapshot store
+        return self._synthetic_attrs(ROOT_NUMBER, stat.S_IFDIR | 0o555, timeouts=(self.entry_timeout, 0))
+
     def _placeholder_attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         """A listed-but-missing file: zero timeouts so every access comes back to us (see _backed)."""
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = inode.number
-        attrs.entry_timeout = 0
-        attrs.attr_timeout = 0
-        attrs.st_mode = stat.S_IFREG | 0o440
-        attrs.st_nlink = 1
-        attrs.st_uid = self._root_stat.st_uid
-        attrs.st_gid = self._root_stat.st_gid
-        attrs.st_blksize = 4096
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
-        return attrs
+        return self._synthetic_attrs(inode.number, stat.S_IFREG | 0o440, timeouts=(0, 0))
 
     def _lazy_attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         """The lazy-files dir (read-only) or one of its files, whose size the provider knows."""
         assert self._lazy is not None and inode.lazy is not None
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = inode.number
-        attrs.entry_timeout = self.entry_timeout
-        attrs.attr_timeout = self.attr_timeout
         if inode.lazy == "":
-            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o555, 2
-        else:
-            size = self._lazy.lazy_files().get(inode.lazy)
-            if size is None:
-                raise _fail(errno.ENOENT)
-            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, size
-            attrs.st_blocks = (size + 511) // 512
-        attrs.st_uid = self._root_stat.st_uid
-        attrs.st_gid = self._root_stat.st_gid
-        attrs.st_blksize = 1 << 20
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
-        return attrs
+            return self._synthetic_attrs(inode.number, stat.S_IFDIR | 0o555)
+        size = self._lazy.lazy_files().get(inode.lazy)
+        if size is None:
+            raise _fail(errno.ENOENT)
+        return self._synthetic_attrs(inode.number, stat.S_IFREG | 0o444, size=size)
 
     def _lookup_lazy(self, name: str) -> pyfuse3.EntryAttributes:
         """MNT/<lazy dir>/<name>: a lazy file while the provider offers it."""
