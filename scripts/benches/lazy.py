@@ -474,7 +474,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--total-mib", type=float, default=40.0, help="total file bytes in the image")
     parser.add_argument("--layers", type=int, default=1, help="layers (files spread round-robin)")
     parser.add_argument("--deep-share", type=float, default=0.1, help="share of files 13 directories deep")
-    parser.add_argument("--contenders", default="peer", help="comma list of peer,stargzfs")
+    parser.add_argument("--contenders", default="peer,stargzfs", help="comma list of peer,stargzfs")
+    parser.add_argument("--stargzfs-args", default="", help="extra `stargzfs mount` arguments, e.g. '--log-level debug'")
     parser.add_argument("--peer-config", default="{}",
                         help='stargz-snapshotter fs config as JSON, Go field names, e.g. {"NoBackgroundFetch":true}')
     parser.add_argument("--idle-seconds", type=float, default=10.0,
@@ -498,7 +499,8 @@ def run(args: argparse.Namespace) -> dict:
         for digest in image.digests:  # the registry's disk out of the picture for every contender alike
             registry.blob_path(digest).read_bytes()
         contenders: dict[str, Contender] = {
-            name: PeerContender(work, json.loads(args.peer_config)) if name == "peer" else StargzfsContender(work)
+            name: PeerContender(work, json.loads(args.peer_config)) if name == "peer"
+            else StargzfsContender(work, args.stargzfs_args.split())
             for name in names
         }
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}

@@ -17,12 +17,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
 
 from stargzfs.conversion.errors import ConversionError
+from stargzfs.conversion.forkserver import ForkServer
 from stargzfs.errors import FormatError, UnsupportedError, UsageError
 from stargzfs.estargz.codec import Codec
 
@@ -58,6 +59,7 @@ class Builder:
     version: str
     memory_limit: int = 0  # bytes of address space (RLIMIT_AS); 0: no limit
     cpu_limit: int = 0  # seconds of CPU time (RLIMIT_CPU); 0: no limit
+    server: ForkServer | None = field(default=None, compare=False, repr=False)  # warm forks (bundled only)
 
     @property
     def name(self) -> str:
@@ -92,6 +94,12 @@ class Builder:
     def limited(self, *, memory_mib: int, cpu_seconds: int) -> "Builder":
         """This builder under resource limits (the input it parses is untrusted)."""
         return replace(self, memory_limit=memory_mib << 20, cpu_limit=cpu_seconds)
+
+    def warm(self) -> "Builder":
+        """The bundled builder run by forking a process that imported it already (forkserver)."""
+        if self.flavour != "stargzfs":
+            return self
+        return replace(self, server=ForkServer(_DEATH_SIGNAL))
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """The full command line: die with the daemon, and stay within the limits.
@@ -164,12 +172,33 @@ _PRLIMIT = shutil.which("prlimit")
 
 
 async def run_builder(builder: Builder, argv: Sequence[str], pass_fds: Sequence[int], what: str) -> None:
-    """Run one builder process; BuilderFailed with its last output line on failure.
+    """Run one builder job; BuilderFailed with its last output line on failure."""
+    log.debug("running %s", " ".join(argv))
+    if builder.server is not None:
+        try:
+            status, output = await builder.server.run(
+                argv[len(builder.command):], pass_fds, memory_limit=builder.memory_limit, cpu_limit=builder.cpu_limit
+            )
+        except OSError as exc:
+            raise ConversionError(f"{what}: the builder did not run: {exc.strerror or exc}") from None
+    else:
+        status, output = await _subprocess(builder, argv, pass_fds, what)
+    if status != 0:
+        lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
+        last = lines[-1].strip()[:_MAX_ERROR_OUTPUT] if lines else "(no output)"
+        raise BuilderFailed(
+            f"{what}: {Path(argv[0]).name} {builder.describe_exit(status)}: {last}", status=status, last_line=last,
+        )
+    if output.strip():
+        log.debug("%s output: %s", what, output.decode("utf-8", "replace").strip()[:2000])
+
+
+async def _subprocess(builder: Builder, argv: Sequence[str], pass_fds: Sequence[int], what: str) -> tuple[int, bytes]:
+    """One process per job (an external nydus-image, or no fork server).
 
     Popen runs in the trio thread on purpose: PR_SET_PDEATHSIG fires when the *thread*
     that forked exits, and trio's worker threads come and go.
     """
-    log.debug("running %s", " ".join(argv))
     try:
         process = subprocess.Popen(
             builder.wrap(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -182,12 +211,4 @@ async def run_builder(builder: Builder, argv: Sequence[str], pass_fds: Sequence[
     except BaseException:
         process.kill()
         raise
-    if process.returncode != 0:
-        lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
-        last = lines[-1].strip()[:_MAX_ERROR_OUTPUT] if lines else "(no output)"
-        raise BuilderFailed(
-            f"{what}: {Path(argv[0]).name} {builder.describe_exit(process.returncode)}: {last}",
-            status=process.returncode, last_line=last,
-        )
-    if output.strip():
-        log.debug("%s output: %s", what, output.decode("utf-8", "replace").strip()[:2000])
+    return process.returncode, output

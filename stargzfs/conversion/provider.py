@@ -48,7 +48,8 @@ class SnapshotRootProvider:
             raise UsageError(f"{self.root} is not a snapshotter root: {db.name} is missing")
         self.table = LiveTable(db)
         limits = {"memory_mib": settings.builder_memory_mib, "cpu_seconds": settings.builder_cpu_seconds}
-        builder = detect_builder(settings.nydus_image).limited(**limits)  # a bad --nydus-image fails the mount
+        builder = detect_builder(settings.nydus_image).limited(**limits).warm()  # a bad --nydus-image fails the mount
+        indexer = builder if builder.server is not None else bundled_builder().limited(**limits).warm()
         self.dirs = RootDirs(self.root, settings.effective_cache_dir, fscache=settings.fs_driver == "fscache")
         recorder = StateRecorder(self.root)
         slots = trio.CapacityLimiter(settings.max_builders)
@@ -58,7 +59,7 @@ class SnapshotRootProvider:
         self._metrics = metrics.MetricsServer(settings.metrics_address) if settings.metrics_address else None
         credentials = CredentialCache()
         self.blobs = BlobService(
-            dirs=self.dirs, table=self.table, recorder=recorder, indexer=bundled_builder().limited(**limits),
+            dirs=self.dirs, table=self.table, recorder=recorder, indexer=indexer,
             registry=self._registry, credentials=credentials,
             settings=BlobSettings(prefetch=settings.prefetch, background_fetch=settings.background_fetch),
         )
@@ -92,6 +93,9 @@ class SnapshotRootProvider:
     def bind_nursery(self, nursery: trio.Nursery) -> None:
         """Where background work outliving a request runs (prefetch, readahead of lazy blobs)."""
         self.blobs.bind_nursery(nursery)
+        server = self.layers.builder.server or self.blobs.indexer.server
+        if server is not None:
+            nursery.start_soon(server.start)  # warm before the first lookup needs it
 
     def _changed(self, snapshot_id: str, *names: str) -> None:
         """Files appeared in MNT/<snapshot_id>/: the kernel must not serve stale entries/attrs."""
