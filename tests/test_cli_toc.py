@@ -200,3 +200,18 @@ def test_registry_timeout_and_retries_flags(capsys) -> None:  # type: ignore[no-
     with pytest.raises(SystemExit) as exited:
         main(["toc", f"{host}/some/repo", "sha256:" + "0" * 64, "--registry-retries", "many"])
     assert exited.value.code == 2
+
+
+def test_without_a_digest_every_layer_of_the_manifest_is_examined(
+    estargz_image: PushedImage, plain_image: PushedImage, capsys
+) -> None:
+    assert main(["toc", estargz_image.ref]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(estargz_image.layers)
+    for index, (line, layer) in enumerate(zip(lines, estargz_image.layers)):
+        # the layer's toc.digest annotation was checked, as the snapshotter's label would be
+        assert line.startswith(f"layer {index} {layer.digest}: ") and layer.toc_digest in line
+    assert main(["toc", plain_image.ref]) == 0
+    assert "not eStargz" in capsys.readouterr().out
+    assert main(["toc", estargz_image.ref, "-o", "x.json"]) == 2  # which layer's TOC? a usage error
+    assert "needs a DIGEST" in capsys.readouterr().err

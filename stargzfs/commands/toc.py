@@ -1,8 +1,10 @@
-"""`stargzfs toc REF DIGEST`: is this layer eStargz, and what is its TOC?
+"""`stargzfs toc REF [DIGEST]`: is this layer (or every layer of this image) eStargz, and what is its TOC?
 
 Exit 0 with the TOC (or a summary), 3 when the layer is a plain one, other codes from
 stargzfs.errors. The same two-request detection path the filesystem uses, so this is
-also the tool to debug a layer the snapshotter refused.
+also the tool to debug a layer the snapshotter refused. Without DIGEST the image's manifest
+names the layers (and their `containerd.io/snapshot/stargz/toc.digest` annotations, checked
+as the snapshotter's label would be): one summary line each.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import trio
 
 from stargzfs import cliutil
 from stargzfs.atomicio import write_atomically
+from stargzfs.errors import NotEstargzError, RegistryError, StargzfsError, UsageError
 from stargzfs.estargz.fetch import DEFAULT_MAX_TOC_SIZE, DEFAULT_TAIL_SIZE, TocResult, fetch_toc
 from stargzfs.registry import RegistryClient, RegistryConfig
 
@@ -38,7 +41,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "6 unsupported, 7 digest mismatch.",
     )
     parser.add_argument("ref", metavar="REF", help="image reference the blob belongs to, e.g. host/repo:tag")
-    parser.add_argument("digest", metavar="DIGEST", help="layer blob digest, sha256:<hex>")
+    parser.add_argument("digest", metavar="DIGEST", nargs="?",
+                        help="layer blob digest, sha256:<hex> (default: every layer of REF's manifest)")
     parser.add_argument(
         "-o", "--output", metavar="FILE",
         help="write the TOC JSON verbatim to FILE ('-' for stdout) instead of printing a summary",
@@ -61,7 +65,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     parser.set_defaults(func=run)
 
 
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.digest is None:
+        if args.output is not None:
+            raise UsageError("-o needs a DIGEST: which layer's TOC should it write?")
+        lines, code = trio.run(_every_layer, args)
+        print("\n".join(lines))
+        return code
     result = trio.run(_fetch, args)
     if args.output is None:
         print(summary(args.digest, result))
@@ -71,6 +84,31 @@ def run(args: argparse.Namespace) -> int:
     else:
         write_atomically(Path(args.output), result.raw)
     return 0
+
+
+async def _every_layer(args: argparse.Namespace) -> tuple[list[str], int]:
+    """One line per layer of the image; the exit code of the worst failure (plain layers are fine)."""
+    lines, code = [], 0
+    async with RegistryClient(cliutil.registry_config(args)) as client:
+        manifest = await client.get_manifest(args.ref)
+        for index, layer in enumerate(manifest["layers"]):
+            if not isinstance(layer, dict) or not isinstance(layer.get("digest"), str):
+                raise RegistryError(f"{args.ref}: manifest layer {index} has no digest")
+            annotations = layer.get("annotations") if isinstance(layer.get("annotations"), dict) else {}
+            try:
+                result = await fetch_toc(
+                    client.blob(args.ref, layer["digest"]), tail_size=args.tail_size, max_toc_size=args.max_toc_size,
+                    expected_digest=annotations.get(TOC_DIGEST_ANNOTATION),
+                )
+            except NotEstargzError as exc:
+                lines.append(f"layer {index} {layer['digest']}: {exc}")
+                continue
+            except StargzfsError as exc:
+                lines.append(f"layer {index} {layer['digest']}: error: {exc}")
+                code = max(code, exc.exit_code)
+                continue
+            lines.append(f"layer {index} {summary(layer['digest'], result)}")
+    return lines, code
 
 
 async def _fetch(args: argparse.Namespace) -> TocResult:
