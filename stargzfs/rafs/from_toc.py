@@ -192,47 +192,119 @@ def build_tree(
     blob_index: int = 0,
     consume_toc: bool = False,
 ) -> TocTree:
-    """`consume_toc=True` empties `toc.entries`/`toc.by_name` while the nodes are made, so
-    entries and tree never both exist in full (the builder's peak RSS); the caller must
-    not use the Toc afterwards."""
+    """`consume_toc=True` empties `toc.entries` while the nodes are made, so entries and
+    tree never both exist in full (the builder's peak RSS); the caller must not use the
+    Toc afterwards."""
     refs_at, created = _data_records(
         toc, blob_id=blob_id.encode(), chunk_size=chunk_size, blob_index=blob_index
     )
+    if consume_toc:
+        toc.forget_index()
+    nodes = _PathNodes()
+    with_chunks, replaced, hardlinks = _make_nodes(toc.entries, refs_at, nodes, repeatable, consume_toc)
+    with_chunks += _resolve_hardlinks(hardlinks, nodes)
+    root = nodes.root
+    del nodes, hardlinks
 
-    # 2. Nodes in TOC order; later duplicates replace earlier ones and keep their children.
-    root = Node(b"", stat.S_IFDIR | 0o755)
-    nodes: dict[str, Node] = {"": root}
-    hardlinks: dict[int, tuple[Node, str, str]] = {}  # id(node) → (node, own name, target name)
-    with_chunks: list[Node] = []  # regular files that own data records (some replaced later)
-    replaced: set[int] = set()  # id() of nodes in with_chunks that a later duplicate replaced
+    live = [node for node in with_chunks if id(node) not in replaced] if replaced else with_chunks
+    del with_chunks
+    index_records = _assign_chunk_indexes(live, created)
+    image = RafsImage(
+        root=root,
+        blobs=_blob_table(blob_id, index_records, chunk_size, compressor),
+        chunk_size=chunk_size,
+        compressor=compressor,
+        digester="sha256",
+        explicit_uid_gid=not repeatable,
+    )
+    return TocTree(image, index_records)
 
-    def ensure_dir(path: str) -> Node:
-        """The directory at `path`, creating missing ancestors (mode 0755) top-down."""
-        missing: list[str] = []
-        found = nodes.get(path)
-        while found is None:
-            missing.append(path)
-            path = path.rpartition("/")[0]
-            found = nodes.get(path)
-        for name in reversed(missing):
-            if found.children is None:
-                break
-            node = Node(_encode_name(name.rpartition("/")[2], "name"), stat.S_IFDIR | 0o755)
-            found.children[node.name] = node
-            nodes[name] = found = node
-        if found.children is None:
+
+class _PathNodes:
+    """Path → the node now at that path, for the TOC's own entries and the parents they
+    were looked up through.
+
+    Implicit ancestors are reached through their parents' `children` instead of being
+    registered under their full paths: a name of depth d would otherwise add d path
+    strings of up to its own length, O(d²) bytes for one name (a 60,000-level name in a
+    1 KB gzip TOC took 3.5 GiB).
+    """
+
+    __slots__ = ("root", "by_path")
+
+    def __init__(self) -> None:
+        self.root = Node(b"", stat.S_IFDIR | 0o755)
+        self.by_path: dict[str, Node] = {"": self.root}
+
+    def directory(self, path: str) -> Node:
+        """The directory at `path`, creating missing ones (mode 0755) on the way down."""
+        node = self.by_path.get(path)
+        if node is not None and node.children is not None:
+            return node
+        node = self.root
+        parts = path.split("/")
+        for depth, part in enumerate(parts):
+            children = node.children
+            if children is None:
+                raise FormatError(f"TOC: {'/'.join(parts[:depth])!r} is used as a directory but is not one")
+            raw = _component(part, path)
+            child = children.get(raw)
+            if child is None:
+                child = children[raw] = Node(raw, stat.S_IFDIR | 0o755)
+            node = child
+        if node.children is None:
             raise FormatError(f"TOC: {path!r} is used as a directory but is not one")
-        return found
+        self.by_path[path] = node
+        return node
 
+    def find(self, path: str) -> Node | None:
+        """The node at `path`, if any (no directory is created)."""
+        node = self.by_path.get(path)
+        if node is not None:
+            return node
+        node = self.root
+        for part in path.split("/"):
+            children = node.children
+            child = children.get(part.encode("utf-8", "surrogatepass")) if children is not None else None
+            if child is None:
+                return None
+            node = child
+        return node
+
+
+def _component(base: str, path: str) -> bytes:
+    """One path component as stored: UTF-8, no NUL, at most 255 bytes."""
+    try:
+        raw = base.encode()
+    except UnicodeEncodeError:
+        raw = _encode_name(base, "name")  # raises the precise error
+    if "\0" in base:
+        _encode_name(base, "name")
+    if len(raw) > MAX_NAME_LEN:
+        raise UnsupportedError(f"TOC entry {_shown(path)!r}: file name longer than {MAX_NAME_LEN} bytes")
+    return raw
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 100 else name[:100] + "…"
+
+
+def _make_nodes(
+    entries: list[Entry], refs_at: list[list[ChunkRef] | None], nodes: _PathNodes, repeatable: bool, consume: bool
+) -> tuple[list[Node], set[int], dict[int, tuple[Node, str, str]]]:
+    """Step 2: one node per entry in TOC order; later duplicates replace earlier ones and
+    keep their children. Returns the regular files owning data records (some replaced
+    later), the id()s of the replaced ones, and the hardlinks (id → node, name, target)."""
+    root = nodes.root
+    by_path = nodes.by_path
+    hardlinks: dict[int, tuple[Node, str, str]] = {}
+    with_chunks: list[Node] = []
+    replaced: set[int] = set()  # id() of nodes in with_chunks that a later duplicate replaced
     type_bits = TYPE_BITS
     hidden = HIDDEN_ROOT_NAMES
     new_node = _new_node
-    nodes_get = nodes.get
-    entries = toc.entries
-    if consume_toc:
-        toc.by_name.clear()
     for position, entry in enumerate(entries):
-        if consume_toc:
+        if consume:
             entries[position] = None  # type: ignore[call-overload]  # freed once this loop drops it
         name = entry.name
         if name in hidden:
@@ -246,17 +318,10 @@ def build_tree(
             root.mtime, root.mtime_nsec, root.xattrs = entry.mtime, entry.mtime_nsec, xattrs
             continue
         parent_path, _, base = name.rpartition("/")
-        try:
-            raw_name = base.encode()
-        except UnicodeEncodeError:
-            raw_name = _encode_name(base, "name")  # raises the precise error
-        if "\0" in base:
-            _encode_name(base, "name")
-        if len(raw_name) > MAX_NAME_LEN:
-            raise UnsupportedError(f"TOC entry {name!r}: file name longer than {MAX_NAME_LEN} bytes")
-        parent = nodes_get(parent_path)
+        raw_name = _component(base, name)
+        parent = by_path.get(parent_path)
         if parent is None or parent.children is None:
-            parent = ensure_dir(parent_path)
+            parent = nodes.directory(parent_path)
         node = new_node(raw_name, mode, uid, gid, entry.mtime, entry.mtime_nsec, xattrs, kind == "dir")
         if kind == "reg":
             node.size = entry.size
@@ -265,17 +330,8 @@ def build_tree(
                 refs_at[position] = None
                 node.chunks = refs
                 with_chunks.append(node)
-        elif kind == "dir":
-            pass
-        elif kind == "symlink":
-            node.symlink = _encode_name(entry.link_name, "symlink target of " + repr(name))
-            node.size = len(node.symlink)
-        elif kind == "char" or kind == "block":
-            if entry.dev_major > 0xFFF or entry.dev_minor > 0xFFFFF:
-                raise UnsupportedError(f"TOC entry {name!r}: device {entry.dev_major}:{entry.dev_minor} too large")
-            node.rdev = new_encode_dev(entry.dev_major, entry.dev_minor)
-        elif kind == "hardlink":
-            hardlinks[id(node)] = (node, name, entry.link_name)
+        elif kind != "dir":
+            _special_file(node, entry, hardlinks)
         children = parent.children
         existing = children.get(raw_name)
         if existing is not None:
@@ -285,65 +341,77 @@ def build_tree(
             if existing.children and node.children is not None:
                 node.children = existing.children
             elif existing.children:
-                raise FormatError(f"TOC entry {name!r}: a non-directory replaces a non-empty directory")
+                raise FormatError(f"TOC entry {_shown(name)!r}: a non-directory replaces a non-empty directory")
         children[raw_name] = node
-        nodes[name] = node
+        by_path[name] = node
+    return with_chunks, replaced, hardlinks
 
-    # 3. Hardlinks: follow chains to a real inode, then share it (attributes, xattrs, chunks).
+
+def _special_file(node: Node, entry: Entry, hardlinks: dict[int, tuple[Node, str, str]]) -> None:
+    """Symlink target, device number, or the hardlink to resolve once every path exists."""
+    kind = entry.type
+    if kind == "symlink":
+        node.symlink = _encode_name(entry.link_name, "symlink target of " + repr(_shown(entry.name)))
+        node.size = len(node.symlink)
+    elif kind == "char" or kind == "block":
+        if entry.dev_major > 0xFFF or entry.dev_minor > 0xFFFFF:
+            raise UnsupportedError(
+                f"TOC entry {_shown(entry.name)!r}: device {entry.dev_major}:{entry.dev_minor} too large"
+            )
+        node.rdev = new_encode_dev(entry.dev_major, entry.dev_minor)
+    elif kind == "hardlink":
+        hardlinks[id(node)] = (node, entry.name, entry.link_name)
+
+
+def _resolve_hardlinks(hardlinks: dict[int, tuple[Node, str, str]], nodes: _PathNodes) -> list[Node]:
+    """Step 3: follow chains to a real inode, then share it (attributes, xattrs, chunks).
+    Returns the hardlink nodes that now own chunk references."""
+    with_chunks: list[Node] = []
     for node, name, target_name in hardlinks.values():
         seen = {name}
-        target = nodes.get(target_name)
+        target = nodes.find(target_name)
         while target is not None and id(target) in hardlinks:
             if target_name in seen:
-                raise FormatError(f"TOC entry {name!r}: hardlink loop through {target_name!r}")
+                raise FormatError(f"TOC entry {_shown(name)!r}: hardlink loop through {_shown(target_name)!r}")
             seen.add(target_name)
             target_name = hardlinks[id(target)][2]
-            target = nodes.get(target_name)
+            target = nodes.find(target_name)
         if target is None:
-            raise FormatError(f"TOC entry {name!r}: hardlink target {target_name!r} does not exist")
+            raise FormatError(f"TOC entry {_shown(name)!r}: hardlink target {_shown(target_name)!r} does not exist")
         if target.children is not None:
-            raise FormatError(f"TOC entry {name!r}: hardlink target {target_name!r} is a directory")
+            raise FormatError(f"TOC entry {_shown(name)!r}: hardlink target {_shown(target_name)!r} is a directory")
         if target.link is None:
             target.link = LinkGroup()
         node.copy_attributes_from(target)
         node.link = target.link
         if node.chunks:
             with_chunks.append(node)
-    del nodes, hardlinks
+    return with_chunks
 
-    live = [node for node in with_chunks if id(node) not in replaced] if replaced else with_chunks
-    del with_chunks
-    index_records = _assign_chunk_indexes(live, created)
-    blobs: list[BlobInfo] = []
-    if index_records:
-        last = index_records[-1]
-        total = len(index_records)
-        header = blob_meta_header_for(total)
-        blobs.append(
-            BlobInfo(
-                blob_id=blob_id,
-                chunk_count=total,
-                chunk_size=chunk_size,
-                compressed_size=0,
-                uncompressed_size=last.uncompressed_offset + last.uncompressed_size,
-                compressor=compressor,
-                digester="sha256",
-                meta_features=header.features,
-                ci_compressor=header.ci_compressor,
-                ci_offset=header.ci_offset,
-                ci_compressed_size=header.ci_compressed_size,
-                ci_uncompressed_size=header.ci_uncompressed_size,
-            )
+
+def _blob_table(blob_id: str, index_records: list[ChunkRef], chunk_size: int, compressor: str) -> list[BlobInfo]:
+    """The layer's one blob, or none when no file has data (v2.1 writes no blob then)."""
+    if not index_records:
+        return []
+    last = index_records[-1]
+    total = len(index_records)
+    header = blob_meta_header_for(total)
+    return [
+        BlobInfo(
+            blob_id=blob_id,
+            chunk_count=total,
+            chunk_size=chunk_size,
+            compressed_size=0,
+            uncompressed_size=last.uncompressed_offset + last.uncompressed_size,
+            compressor=compressor,
+            digester="sha256",
+            meta_features=header.features,
+            ci_compressor=header.ci_compressor,
+            ci_offset=header.ci_offset,
+            ci_compressed_size=header.ci_compressed_size,
+            ci_uncompressed_size=header.ci_uncompressed_size,
         )
-    image = RafsImage(
-        root=root,
-        blobs=blobs,
-        chunk_size=chunk_size,
-        compressor=compressor,
-        digester="sha256",
-        explicit_uid_gid=not repeatable,
-    )
-    return TocTree(image, index_records)
+    ]
 
 
 def _assign_chunk_indexes(files: Iterable[Node], created: int) -> list[ChunkRef]:
