@@ -87,12 +87,21 @@ class _Normalised:
     chunks: list[Chunk] | tuple[()]  # regular files with data: their chunks, else NO_CHUNKS
     raw_index: int  # index in the TOC's `entries` array (-1 when implicit)
 
+    @property
+    def implicit(self) -> bool:
+        """A parent directory the TOC implies but does not list."""
+        return self.raw_index < 0
 
-class Entry(_Normalised, msgspec.Struct, kw_only=True, gc=False):
+
+class EntryCore(_Normalised, msgspec.Struct, kw_only=True, gc=False):
     """One TOC record as decoded, normalised in place by `parse_toc`: `name` cleaned ("" is
     the root), `mode` holds permission bits only, `size` is 0 unless `reg`, `link_name` is
     the verbatim symlink target or the cleaned hardlink target. The chunk fields keep the
-    record's own values; `chunks` has the resolved ones."""
+    record's own values; `chunks` has the resolved ones.
+
+    Everything but the digests: what the builder decodes (`parse_toc(digests=False)`), so
+    a million-entry TOC does not hold two million digest strings it never reads.
+    """
 
     type: Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"]
     name: str = ""
@@ -107,17 +116,10 @@ class Entry(_Normalised, msgspec.Struct, kw_only=True, gc=False):
     dev_major: Count = msgspec.field(default=0, name="devMajor")
     dev_minor: Count = msgspec.field(default=0, name="devMinor")
     xattrs: Mapping[str, bytes] = NO_XATTRS  # values decoded from base64 by msgspec
-    digest: str | None = None  # whole-file "sha256:<hex>"
     offset: Count = 0
     chunk_offset: Count = msgspec.field(default=0, name="chunkOffset")
     chunk_size: Count = msgspec.field(default=0, name="chunkSize")
-    chunk_digest: str = msgspec.field(default="", name="chunkDigest")
     inner_offset: Count = msgspec.field(default=0, name="innerOffset")
-
-    @property
-    def implicit(self) -> bool:
-        """A parent directory the TOC implies but does not list."""
-        return self.raw_index < 0
 
     @property
     def st_mode(self) -> int:
@@ -132,9 +134,21 @@ class Entry(_Normalised, msgspec.Struct, kw_only=True, gc=False):
         return posixpath.basename(self.name)
 
 
+class Entry(EntryCore, kw_only=True, gc=False):
+    """A TOC record with its digests (see EntryCore)."""
+
+    digest: str | None = None  # whole-file "sha256:<hex>"; "" becomes None
+    chunk_digest: str = msgspec.field(default="", name="chunkDigest")
+
+
 class _Document(msgspec.Struct):
     version: Any = None  # checked after decoding, so its message can quote the value
     entries: list[Entry] | None = None
+
+
+class _CoreDocument(msgspec.Struct):
+    version: Any = None
+    entries: list[EntryCore] | None = None
 
 
 class _NameOnly(msgspec.Struct):
@@ -145,7 +159,7 @@ class _VersionOnly(msgspec.Struct):
     version: Any = None
 
 
-_DECODER = msgspec.json.Decoder(_Document)
+_DECODERS = {True: msgspec.json.Decoder(_Document), False: msgspec.json.Decoder(_CoreDocument)}
 _SYNTAX = msgspec.json.Decoder(msgspec.Raw)  # checks JSON syntax, builds nothing
 _RAW_ENTRIES = msgspec.json.Decoder(msgspec.defstruct("_RawEntries", [("entries", list[msgspec.Raw], [])]))
 _NAME_ONLY = msgspec.json.Decoder(_NameOnly)
@@ -155,18 +169,25 @@ _VERSION_ONLY = msgspec.json.Decoder(_VersionOnly)
 class Toc:
     """A parsed TOC: entries in TOC order (chunk records attached, duplicates kept)."""
 
-    __slots__ = ("version", "entries", "raw", "digest", "has_root_entry", "_by_name")
+    __slots__ = ("version", "entries", "raw", "has_root_entry", "_digest", "_by_name")
 
-    def __init__(self, entries: list[Entry], raw: bytes, has_root_entry: bool) -> None:
+    def __init__(self, entries: list[EntryCore], raw: bytes, has_root_entry: bool) -> None:
         self.version = 1
-        self.entries = entries
+        self.entries = entries  # Entry objects unless parsed with digests=False
         self.raw = raw  # the exact JSON bytes
-        self.digest = sha256_digest(raw)  # "sha256:<hex>" of `raw`
         self.has_root_entry = has_root_entry
-        self._by_name: dict[str, Entry] | None = None
+        self._digest: str | None = None
+        self._by_name: dict[str, EntryCore] | None = None
 
     @property
-    def by_name(self) -> dict[str, Entry]:
+    def digest(self) -> str:
+        """"sha256:<hex>" of `raw`, computed on first use (the builder never asks)."""
+        if self._digest is None:
+            self._digest = sha256_digest(self.raw)
+        return self._digest
+
+    @property
+    def by_name(self) -> dict[str, EntryCore]:
         """Name → entry (last wins), plus the root and every implicit parent directory.
 
         Built on first use and kept; the builder never needs it (implicit parents cost a
@@ -176,7 +197,7 @@ class Toc:
             self._by_name = _index(self.entries)
         return self._by_name
 
-    def get(self, name: str) -> Entry | None:
+    def get(self, name: str) -> EntryCore | None:
         return self.by_name.get(clean_name(name))
 
     def forget_index(self) -> None:
@@ -231,19 +252,23 @@ def _where(index: int, name: object) -> str:
     return f"entry #{index} ({_shorten(name)!r})"
 
 
-def parse_toc(raw: bytes) -> Toc:
-    """Decode and normalise TOC JSON bytes; FormatError / UnsupportedError name the entry."""
+def parse_toc(raw: bytes, *, digests: bool = True) -> Toc:
+    """Decode and normalise TOC JSON bytes; FormatError / UnsupportedError name the entry.
+
+    `digests=False` (the builder) decodes EntryCore records: no `digest`/`chunkDigest`
+    strings, `Chunk.digest` None, and `modtime` strings dropped once parsed.
+    """
     with paused_gc():
-        records = _decode(raw)
-        entries, has_root = _normalise(records)
+        records = _decode(raw, digests)
+        entries, has_root = _normalise(records, digests)
         del records
         return Toc(entries, bytes(raw), has_root)
 
 
-def _decode(raw: bytes) -> list[Entry]:
+def _decode(raw: bytes, digests: bool) -> list[EntryCore]:
     """JSON → Entry structs; msgspec's own errors become one-line FormatErrors."""
     try:
-        document = _DECODER.decode(raw)
+        document = _DECODERS[digests].decode(raw)
     except msgspec.ValidationError as exc:
         raise _explain(raw, str(exc)) from None
     except msgspec.DecodeError as exc:
@@ -295,30 +320,28 @@ def _entry_name(raw: bytes, index: int) -> object:
         return None
 
 
-def _normalise(records: list[Entry]) -> tuple[list[Entry], bool]:
+def _normalise(records: list[EntryCore], digests: bool) -> tuple[list[EntryCore], bool]:
     """One pass in TOC order: chunk records attached to their file and dropped, every other
-    record normalised in place (see `Entry`). Returns the entries and whether the TOC has a
-    root entry."""
-    entries: list[Entry] = []
+    record normalised in place (see EntryCore). Returns the entries and whether the TOC has
+    a root entry."""
+    entries: list[EntryCore] = []
     append = entries.append
-    user_names: dict[int, str] = {}
-    group_names: dict[int, str] = {}
+    owners = _Owners()
     has_root = False
-    last_reg: Entry | None = None
+    last_reg: EntryCore | None = None
     rfc3339 = parse_rfc3339
     for index, entry in enumerate(records):
         kind = entry.type
         if kind == "chunk":
-            _attach_chunk(last_reg, entry, index)
+            _attach_chunk(last_reg, entry, index, digests)
             continue
         entry.raw_index = index
+        entry.chunks = NO_CHUNKS
         name = entry.name = clean_name(entry.name)
         if len(name) > MAX_NAME_BYTES // 4:
             _check_long_name(name, index)
         if not name:
-            if kind != "dir":
-                raise FormatError(f"TOC {_where(index, name)}: the root entry must be a directory")
-            has_root = True
+            has_root = _is_root_dir(entry, index)
         if entry.mode > 0o7777:
             entry.mode &= 0o7777
         modtime = entry.modtime
@@ -327,37 +350,60 @@ def _normalise(records: list[Entry]) -> tuple[list[Entry], bool]:
                 entry.mtime, entry.mtime_nsec = rfc3339(modtime)
             except ValueError as exc:
                 raise FormatError(f"TOC {_where(index, name)}: {exc}") from None
+            if not digests:
+                entry.modtime = ""
         else:
             entry.mtime = entry.mtime_nsec = 0
-        if entry.user_name:
-            user_names.setdefault(entry.uid, entry.user_name)
-        elif user_names:
-            entry.user_name = user_names.get(entry.uid, "")
-        if entry.group_name:
-            group_names.setdefault(entry.gid, entry.group_name)
-        elif group_names:
-            entry.group_name = group_names.get(entry.gid, "")
-        if not entry.digest:
-            entry.digest = None
+        if entry.user_name or entry.group_name or owners.known:
+            owners.fill(entry)
         if kind == "reg":
             last_reg = entry
-            entry.chunks = NO_CHUNKS
             if entry.size:
-                _attach_chunk(entry, entry, index)
+                _attach_chunk(entry, entry, index, digests)
         else:
             last_reg = None
-            entry.chunks = NO_CHUNKS
             if entry.size:
                 entry.size = 0
             if kind == "hardlink":
                 entry.link_name = _hardlink_target(entry, index)
             elif entry.link_name and kind != "symlink":
                 entry.link_name = ""
+        if digests and not entry.digest:  # type: ignore[attr-defined]  # an Entry when digests
+            entry.digest = None  # type: ignore[attr-defined]
         append(entry)
     return entries, has_root
 
 
-def _attach_chunk(owner: Entry | None, record: Entry, index: int) -> None:
+def _is_root_dir(entry: EntryCore, index: int) -> bool:
+    if entry.type != "dir":
+        raise FormatError(f"TOC {_where(index, entry.name)}: the root entry must be a directory")
+    return True
+
+
+class _Owners:
+    """`userName`/`groupName` appear only on the first entry with a given uid/gid (§A3):
+    remember them and fill them in on later entries."""
+
+    __slots__ = ("users", "groups", "known")
+
+    def __init__(self) -> None:
+        self.users: dict[int, str] = {}
+        self.groups: dict[int, str] = {}
+        self.known = False
+
+    def fill(self, entry: EntryCore) -> None:
+        if entry.user_name:
+            self.users.setdefault(entry.uid, entry.user_name)
+        elif self.users:
+            entry.user_name = self.users.get(entry.uid, "")
+        if entry.group_name:
+            self.groups.setdefault(entry.gid, entry.group_name)
+        elif self.groups:
+            entry.group_name = self.groups.get(entry.gid, "")
+        self.known = bool(self.users or self.groups)
+
+
+def _attach_chunk(owner: EntryCore | None, record: EntryCore, index: int, digests: bool) -> None:
     """Resolve a record's chunk (chunkSize 0 = to the end of the file) and append it."""
     if owner is None:
         raise FormatError(f"TOC {_where(index, record.name)}: 'chunk' record without a preceding 'reg' file")
@@ -368,14 +414,15 @@ def _attach_chunk(owner: Entry | None, record: Entry, index: int) -> None:
             f"TOC {_where(index, record.name)}: chunk [{chunk_offset}, {chunk_offset + size}) lies outside "
             f"{_shorten(owner.name)!r} of size {owner.size}"
         )
-    chunk = Chunk(record.offset, chunk_offset, size, record.chunk_digest or None, record.inner_offset, index)
+    digest = (record.chunk_digest or None) if digests else None  # type: ignore[attr-defined]
+    chunk = Chunk(record.offset, chunk_offset, size, digest, record.inner_offset, index)
     if owner.chunks:
         owner.chunks.append(chunk)  # type: ignore[union-attr]  # a list once it has a chunk
     else:
         owner.chunks = [chunk]
 
 
-def _hardlink_target(entry: Entry, index: int) -> str:
+def _hardlink_target(entry: EntryCore, index: int) -> str:
     """Hardlink targets are archive paths (cleaned); symlink targets stay verbatim."""
     if not entry.link_name:
         raise FormatError(f"TOC {_where(index, entry.name)}: hardlink without 'linkName'")
@@ -407,9 +454,9 @@ def _implicit_dir(name: str) -> Entry:
     return entry
 
 
-def _index(entries: list[Entry]) -> dict[str, Entry]:
+def _index(entries: list[EntryCore]) -> dict[str, EntryCore]:
     """Name → entry (last wins), plus the root and every implicit parent directory."""
-    by_name: dict[str, Entry] = {}
+    by_name: dict[str, EntryCore] = {}
     for entry in entries:
         by_name[entry.name] = entry
     if "" not in by_name:

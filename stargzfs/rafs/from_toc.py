@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from stargzfs.errors import FormatError, UnsupportedError
-from stargzfs.estargz.toc import HIDDEN_ROOT_NAMES, TYPE_BITS, Entry, Toc
+from stargzfs.estargz.toc import HIDDEN_ROOT_NAMES, TYPE_BITS, EntryCore, Toc
 from stargzfs.rafs.blobmeta import MAX_ENTRIES, blob_meta_header_for
 from stargzfs.rafs.ondisk import BLOCK_SIZE, new_encode_dev, split_xattr_name
 from stargzfs.rafs.tree import BlobInfo, ChunkRef, LinkGroup, Node, RafsImage
@@ -49,7 +49,7 @@ def _encode_name(text: str, what: str) -> bytes:
     return raw
 
 
-def _xattrs(entry: Entry) -> list[tuple[bytes, bytes]]:
+def _xattrs(entry: EntryCore) -> list[tuple[bytes, bytes]]:
     out: list[tuple[bytes, bytes]] = []
     for key, value in entry.xattrs.items():
         name = _encode_name(key, f"xattr name of {entry.name!r}:")
@@ -82,7 +82,7 @@ def _block_id_hasher(blob_id: bytes) -> Callable[[int, int, int], bytes]:
     return block_id
 
 
-def _check_chunking(entry: Entry, chunk_size: int) -> None:
+def _check_chunking(entry: EntryCore, chunk_size: int) -> None:
     chunks = sorted(entry.chunks, key=lambda c: c.chunk_offset)
     for number, chunk in enumerate(chunks):
         if chunk.inner_offset:
@@ -290,7 +290,7 @@ def _shown(name: str) -> str:
 
 
 def _make_nodes(
-    entries: list[Entry], refs_at: list[list[ChunkRef] | None], nodes: _PathNodes, repeatable: bool, consume: bool
+    entries: list[EntryCore], refs_at: list[list[ChunkRef] | None], nodes: _PathNodes, repeatable: bool, consume: bool
 ) -> tuple[list[Node], set[int], dict[int, tuple[Node, str, str]]]:
     """Step 2: one node per entry in TOC order; later duplicates replace earlier ones and
     keep their children. Returns the regular files owning data records (some replaced
@@ -347,7 +347,7 @@ def _make_nodes(
     return with_chunks, replaced, hardlinks
 
 
-def _special_file(node: Node, entry: Entry, hardlinks: dict[int, tuple[Node, str, str]]) -> None:
+def _special_file(node: Node, entry: EntryCore, hardlinks: dict[int, tuple[Node, str, str]]) -> None:
     """Symlink target, device number, or the hardlink to resolve once every path exists."""
     kind = entry.type
     if kind == "symlink":
