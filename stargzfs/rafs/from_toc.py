@@ -19,7 +19,7 @@ from stargzfs.errors import FormatError, UnsupportedError
 from stargzfs.estargz.toc import HIDDEN_ROOT_NAMES, TYPE_BITS, EntryCore, Toc
 from stargzfs.rafs.blobmeta import MAX_ENTRIES, blob_meta_header_for
 from stargzfs.rafs.ondisk import BLOCK_SIZE, new_encode_dev, split_xattr_name
-from stargzfs.rafs.tree import BlobInfo, ChunkRef, LinkGroup, Node, RafsImage
+from stargzfs.rafs.tree import NO_CHUNKS, NO_XATTRS, BlobInfo, ChunkRef, LinkGroup, Node, RafsImage
 
 MAX_NAME_LEN = 255
 MAX_COMPRESSED_OFFSET = (1 << 40) - 1  # blob.meta v1 comp_info bits
@@ -102,29 +102,6 @@ def _check_chunking(entry: EntryCore, chunk_size: int) -> None:
         raise UnsupportedError(
             f"TOC entry {entry.name!r}: {len(chunks)} chunks for {entry.size} bytes at --chunk-size {chunk_size:#x}"
         )
-
-
-# `_new_node` fills every slot itself: fail loudly at import if tree.Node changes shape.
-if Node.__slots__ != (
-    "name", "mode", "uid", "gid", "mtime", "mtime_nsec", "size", "rdev", "symlink",
-    "xattrs", "chunks", "children", "link", "nid",
-):
-    raise ImportError("tree.Node's slots changed: update stargzfs.rafs.from_toc._new_node")
-_object_new = object.__new__
-
-
-def _new_node(
-    name: bytes, mode: int, uid: int, gid: int, mtime: int, mtime_nsec: int, xattrs: list[tuple[bytes, bytes]],
-    is_dir: bool,
-) -> Node:
-    """Node(...) minus its keyword-argument __init__: a quarter of the cost, per TOC entry."""
-    node = _object_new(Node)
-    node.name, node.mode, node.uid, node.gid = name, mode, uid, gid
-    node.mtime, node.mtime_nsec, node.size, node.rdev = mtime, mtime_nsec, 0, 0
-    node.symlink, node.xattrs, node.chunks = None, xattrs, []
-    node.children = {} if is_dir else None
-    node.link, node.nid = None, 0
-    return node
 
 
 def _data_records(
@@ -233,7 +210,7 @@ class _PathNodes:
     __slots__ = ("root", "by_path")
 
     def __init__(self) -> None:
-        self.root = Node(b"", stat.S_IFDIR | 0o755)
+        self.root = Node.directory(b"", stat.S_IFDIR | 0o755)
         self.by_path: dict[str, Node] = {"": self.root}
 
     def directory(self, path: str) -> Node:
@@ -250,7 +227,7 @@ class _PathNodes:
             raw = _component(part, path)
             child = children.get(raw)
             if child is None:
-                child = children[raw] = Node(raw, stat.S_IFDIR | 0o755)
+                child = children[raw] = Node.directory(raw, stat.S_IFDIR | 0o755)
             node = child
         if node.children is None:
             raise FormatError(f"TOC: {path!r} is used as a directory but is not one")
@@ -302,7 +279,6 @@ def _make_nodes(
     replaced: set[int] = set()  # id() of nodes in with_chunks that a later duplicate replaced
     type_bits = TYPE_BITS
     hidden = HIDDEN_ROOT_NAMES
-    new_node = _new_node
     for position, entry in enumerate(entries):
         if consume:
             entries[position] = None  # type: ignore[call-overload]  # freed once this loop drops it
@@ -312,7 +288,7 @@ def _make_nodes(
         kind = entry.type
         uid, gid = (0, 0) if repeatable else (entry.uid, entry.gid)
         mode = type_bits[kind] | entry.mode
-        xattrs = _xattrs(entry) if entry.xattrs else []
+        xattrs = _xattrs(entry) if entry.xattrs else NO_XATTRS
         if not name:
             root.mode, root.uid, root.gid = mode, uid, gid
             root.mtime, root.mtime_nsec, root.xattrs = entry.mtime, entry.mtime_nsec, xattrs
@@ -322,7 +298,8 @@ def _make_nodes(
         parent = by_path.get(parent_path)
         if parent is None or parent.children is None:
             parent = nodes.directory(parent_path)
-        node = new_node(raw_name, mode, uid, gid, entry.mtime, entry.mtime_nsec, xattrs, kind == "dir")
+        node = Node(raw_name, mode, uid, gid, entry.mtime, entry.mtime_nsec, 0, 0, None, xattrs, NO_CHUNKS,
+                    {} if kind == "dir" else None)
         if kind == "reg":
             node.size = entry.size
             refs = refs_at[position]
