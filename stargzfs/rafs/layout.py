@@ -11,6 +11,8 @@ import stat
 from collections import deque
 from dataclasses import dataclass
 
+import msgspec
+
 from stargzfs.errors import UnsupportedError
 from stargzfs.rafs.ondisk import (
     BLOCK_SIZE,
@@ -56,10 +58,10 @@ def dirent_size(names: list[bytes]) -> int:
     return size
 
 
-@dataclass(slots=True)
-class Placement:
+class Placement(msgspec.Struct, gc=False):
     """One inode's place: `addr` (meta-relative, 32-aligned), `data_addr` = start of full
-    dirent/symlink blocks, `inline` = tail stored after the inode."""
+    dirent/symlink blocks, `inline` = tail stored after the inode. A Struct: one per inode,
+    made in C."""
 
     node: Node
     kind: int

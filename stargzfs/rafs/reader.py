@@ -284,7 +284,8 @@ class _TreeReader:
 
     def __init__(self, reader: BootstrapReader, blob_count: int) -> None:
         self.reader = reader
-        self.data = reader.data
+        data = reader.data
+        self.data = data if type(data) is bytes else bytes(data)  # slices must be hashable keys
         self.meta_base = reader.meta_base
         self.blob_count = blob_count
         self.records = reader.chunk_records()

@@ -6,7 +6,11 @@ memory stays proportional to the tree, not to Python temporaries.
 
 from __future__ import annotations
 
+import functools
+import operator
 import stat
+import struct
+from itertools import chain, islice, repeat
 
 from stargzfs.errors import UnsupportedError
 from stargzfs.rafs.layout import DIR, FILE, SYMLINK, Layout, compute_layout
@@ -81,8 +85,11 @@ def superblock_flags(image: RafsImage, has_xattr: bool) -> int:
     return flags
 
 
-def write_bootstrap(image: RafsImage) -> bytes:
-    """Lay out and serialise; UnsupportedError when a value does not fit the format."""
+def write_bootstrap(image: RafsImage) -> bytearray:
+    """Lay out and serialise; UnsupportedError when a value does not fit the format.
+
+    Returns the buffer it filled (not a bytes copy: at a million inodes that copy alone
+    was 200 MB of peak memory)."""
     blobs = image.blobs
     for index, blob in enumerate(blobs):
         if len(blob.blob_id.encode()) != BLOB_ID_LEN:
@@ -91,7 +98,7 @@ def write_bootstrap(image: RafsImage) -> bytes:
             raise UnsupportedError(f"blob {index}: {blob.chunk_count} chunks exceed the RAFS limit of 2^24")
     layout = compute_layout(image.root, chunk_size=image.chunk_size, root_ino=image.root_ino)
     meta_addr = meta_addr_for(len(blobs))
-    records = _chunk_records(layout)
+    records = _chunk_records(layout, len(blobs))
     meta_end = meta_addr + layout.end
     chunk_table_offset = _round_up(meta_end, BLOCK_SIZE)
     chunk_table_size = CHUNK_RECORD.size * len(records)
@@ -99,16 +106,7 @@ def write_bootstrap(image: RafsImage) -> bytes:
     buf = bytearray(total)
 
     has_xattr = _emit_inodes(buf, layout, meta_addr, image.chunk_size)
-    pack_record = CHUNK_RECORD.pack_into
-    position = chunk_table_offset
-    for key in sorted(records):
-        ref = records[key]
-        pack_record(
-            buf, position,
-            ref.block_id, ref.blob_index, CHUNK_FLAG_COMPRESSED, ref.compressed_size, ref.uncompressed_size,
-            ref.compressed_offset, ref.uncompressed_offset, ref.file_offset, ref.chunk_index, 0,
-        )
-        position += CHUNK_RECORD.size
+    _emit_chunk_table(buf, chunk_table_offset, [ref for _, ref in sorted(records.items())])
     del records
     bt_offset = blob_table_offset(len(blobs))
     for index, blob in enumerate(blobs):
@@ -138,21 +136,49 @@ def write_bootstrap(image: RafsImage) -> bytes:
         chunk_table_size=chunk_table_size,
     )
     buf[EXT_SUPERBLOCK_OFFSET:EXT_SUPERBLOCK_OFFSET + 256] = ext.pack()
-    return bytes(buf)
+    return buf
 
 
-def _chunk_records(layout: Layout) -> dict[bytes, ChunkRef]:
+def _chunk_records(layout: Layout, blob_count: int) -> dict[bytes, ChunkRef]:
     """One chunk-table record per (block_id, blob); the writer sorts by that key.
 
     The key is block_id + big-endian blob index: block ids are always 32 bytes, so bytes
-    order is (block_id, blob_index) order, and bytes sort much faster than tuples.
+    order is (block_id, blob_index) order, and bytes sort much faster than tuples. With
+    one blob the block id alone is that key (and needs no new bytes per chunk).
     """
     records: dict[bytes, ChunkRef] = {}
     for placement in layout.placements:
         if placement.kind == FILE:
-            for ref in placement.node.chunks:
-                records[ref.block_id + ref.blob_index.to_bytes(4, "big")] = ref
+            if blob_count <= 1:
+                for ref in placement.node.chunks:
+                    records[ref.block_id] = ref
+            else:
+                for ref in placement.node.chunks:
+                    records[ref.block_id + ref.blob_index.to_bytes(4, "big")] = ref
     return records
+
+
+_RECORDS_PER_PACK = 512
+_RECORD_HEAD = operator.itemgetter(7, 0)  # ChunkRef → block_id, blob_index
+_RECORD_TAIL = operator.itemgetter(5, 3, 4, 2, 6, 1)  # csize, usize, coff, uoff, file offset, index
+
+
+@functools.lru_cache(maxsize=4)
+def _records_struct(count: int) -> struct.Struct:
+    return struct.Struct("<" + CHUNK_RECORD.format.lstrip("<") * count)
+
+
+def _emit_chunk_table(buf: bytearray, offset: int, refs: list[ChunkRef]) -> None:
+    """The chunk table, `_RECORDS_PER_PACK` records per pack_into: the values are laid
+    out by C iterators (itemgetter/zip/chain) instead of a Python loop per record."""
+    fields = chain.from_iterable(chain.from_iterable(zip(
+        map(_RECORD_HEAD, refs), repeat((CHUNK_FLAG_COMPRESSED,)), map(_RECORD_TAIL, refs), repeat((0,))
+    )))
+    for start in range(0, len(refs), _RECORDS_PER_PACK):
+        count = min(_RECORDS_PER_PACK, len(refs) - start)
+        packer = _records_struct(count)
+        packer.pack_into(buf, offset, *islice(fields, 10 * count))
+        offset += packer.size
 
 
 def _emit_xattrs(buf: bytearray, pos: int, xattrs: list[tuple[bytes, bytes]]) -> None:
