@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -63,3 +64,13 @@ def measure(argv: list[str]) -> tuple[float, float]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def median_seconds(repeat: int, action: Callable[[], object]) -> float:
+    """Median wall time of `repeat` calls of `action`."""
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)

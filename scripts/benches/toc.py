@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,9 @@ import trio
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # tests/support: the registry/containerd drivers the suite uses
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import median_seconds  # noqa: E402
 from stargzfs.estargz.fetch import DEFAULT_TAIL_SIZE, TocResult, fetch_toc  # noqa: E402
 from stargzfs.estargz.toc import parse_toc  # noqa: E402
 from stargzfs.registry import RegistryClient  # noqa: E402
@@ -60,15 +61,6 @@ async def _fetch_once(image: PushedImage, tail_size: int, parse: bool = True) ->
         return result, time.perf_counter() - started
 
 
-def _median_seconds(work: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def _bare_range_get(image: PushedImage, result: TocResult) -> float:
     """One GET of exactly the compressed TOC member bytes: what the network alone costs."""
     layer = image.layers[0]
@@ -90,9 +82,9 @@ def _measure(registry: RegistryProcess, image: PushedImage, files: int, args: ar
     for _ in range(args.repeat):  # interleaved: each pair sees the same machine load
         fetch_times.append(trio.run(_fetch_once, image, args.tail_size)[1])
         daemon_times.append(trio.run(_fetch_once, image, args.tail_size, False)[1])
-        json_times.append(_median_seconds(lambda: json.loads(result.raw), 1))
+        json_times.append(median_seconds(1, lambda: json.loads(result.raw)))
     bare_s = statistics.median([_bare_range_get(image, result) for _ in range(args.repeat)])
-    parse_s = _median_seconds(lambda: parse_toc(result.raw), args.repeat)
+    parse_s = median_seconds(args.repeat, lambda: parse_toc(result.raw))
     fetch_s, daemon_s, json_s = (statistics.median(t) for t in (fetch_times, daemon_times, json_times))
     return {
         "files": files,
