@@ -104,46 +104,50 @@ def _check_chunking(entry: EntryCore, chunk_size: int) -> None:
         )
 
 
-def _data_records(
-    toc: Toc, *, blob_id: bytes, chunk_size: int, blob_index: int
-) -> tuple[list[list[ChunkRef] | None], int]:
-    """Step 1: data records in TOC order, v2.1's virtual uncompressed blob (4 KiB aligned).
+class _DataRecords:
+    """Step 1, one entry at a time in TOC order: data records laid out in v2.1's virtual
+    uncompressed blob (4 KiB aligned), compressed offsets checked to increase.
 
     Chunk indexes are provisional (creation order); `_assign_chunk_indexes` keeps them
-    when every record is referenced exactly once, the usual case.
-    Returns the refs (in file order) of the entry at each position of `toc.entries`, None
-    for entries without data, and the number of refs made.
+    when every record is referenced exactly once, the usual case. Run inside the node loop
+    so that a file's refs exist only once its entry is being turned into a node.
     """
-    block_id = _block_id_hasher(blob_id)
-    make_ref = tuple.__new__  # ChunkRef(...) costs twice as much; fields in ChunkRef order
-    refs_at: list[list[ChunkRef] | None] = [None] * len(toc.entries)
-    next_uoff = 0
-    last_coff = -1
-    last_where = ""
-    created = 0
-    for position, entry in enumerate(toc.entries):
+
+    __slots__ = ("block_id", "chunk_size", "blob_index", "next_uoff", "last_coff", "last_where", "created")
+
+    def __init__(self, blob_id: bytes, chunk_size: int, blob_index: int) -> None:
+        self.block_id = _block_id_hasher(blob_id)
+        self.chunk_size = chunk_size
+        self.blob_index = blob_index
+        self.next_uoff = 0
+        self.last_coff = -1
+        self.last_where = ""
+        self.created = 0  # refs made so far
+
+    def refs(self, entry: EntryCore) -> list[ChunkRef]:
+        """The entry's refs in file order (it has chunks)."""
         chunks = entry.chunks
-        if not chunks:
-            continue
         if len(chunks) == 1:
             chunk = chunks[0]
-            if chunk.inner_offset or chunk.chunk_offset or chunk.size != entry.size or entry.size > chunk_size:
-                _check_chunking(entry, chunk_size)  # raises the precise error
+            if chunk.inner_offset or chunk.chunk_offset or chunk.size != entry.size or entry.size > self.chunk_size:
+                _check_chunking(entry, self.chunk_size)  # raises the precise error
         else:
-            _check_chunking(entry, chunk_size)
+            _check_chunking(entry, self.chunk_size)
             chunks = sorted(chunks, key=lambda c: c.raw_index)
+        make_ref = tuple.__new__  # ChunkRef(...) costs twice as much; fields in ChunkRef order
+        block_id, blob_index = self.block_id, self.blob_index
+        next_uoff, last_coff, created = self.next_uoff, self.last_coff, self.created
         refs: list[ChunkRef] = []
         for chunk in chunks:
             offset = chunk.offset
             if offset <= last_coff:
                 raise UnsupportedError(
                     f"TOC entry {entry.name!r}: compressed offset {offset} is out of order "
-                    f"(not after {last_coff} of {last_where!r})"
+                    f"(not after {last_coff} of {self.last_where!r})"
                 )
             if offset > MAX_COMPRESSED_OFFSET:
                 raise UnsupportedError(f"TOC entry {entry.name!r}: compressed offset {offset} exceeds 2^40")
             last_coff = offset
-            last_where = entry.name
             size = chunk.size
             refs.append(
                 make_ref(ChunkRef, (blob_index, created, next_uoff, size, offset, 0, chunk.chunk_offset,
@@ -153,10 +157,10 @@ def _data_records(
             next_uoff += (size + BLOCK_SIZE - 1) & -BLOCK_SIZE
         if next_uoff > MAX_UNCOMPRESSED_END:
             raise UnsupportedError(f"TOC: uncompressed layer data exceeds 2^44 bytes at {entry.name!r}")
+        self.next_uoff, self.last_coff, self.created, self.last_where = next_uoff, last_coff, created, entry.name
         if len(refs) > 1:
             refs.sort(key=lambda r: r.file_offset)
-        refs_at[position] = refs
-    return refs_at, created
+        return refs
 
 
 def build_tree(
@@ -172,20 +176,18 @@ def build_tree(
     """`consume_toc=True` empties `toc.entries` while the nodes are made, so entries and
     tree never both exist in full (the builder's peak RSS); the caller must not use the
     Toc afterwards."""
-    refs_at, created = _data_records(
-        toc, blob_id=blob_id.encode(), chunk_size=chunk_size, blob_index=blob_index
-    )
+    records = _DataRecords(blob_id.encode(), chunk_size, blob_index)
     if consume_toc:
         toc.forget_index()
     nodes = _PathNodes()
-    with_chunks, replaced, hardlinks = _make_nodes(toc.entries, refs_at, nodes, repeatable, consume_toc)
+    with_chunks, replaced, hardlinks = _make_nodes(toc.entries, records, nodes, repeatable, consume_toc)
     with_chunks += _resolve_hardlinks(hardlinks, nodes)
     root = nodes.root
     del nodes, hardlinks
 
     live = [node for node in with_chunks if id(node) not in replaced] if replaced else with_chunks
     del with_chunks
-    index_records = _assign_chunk_indexes(live, created)
+    index_records = _assign_chunk_indexes(live, records.created)
     image = RafsImage(
         root=root,
         blobs=_blob_table(blob_id, index_records, chunk_size, compressor),
@@ -267,11 +269,12 @@ def _shown(name: str) -> str:
 
 
 def _make_nodes(
-    entries: list[EntryCore], refs_at: list[list[ChunkRef] | None], nodes: _PathNodes, repeatable: bool, consume: bool
+    entries: list[EntryCore], records: _DataRecords, nodes: _PathNodes, repeatable: bool, consume: bool
 ) -> tuple[list[Node], set[int], dict[int, tuple[Node, str, str]]]:
-    """Step 2: one node per entry in TOC order; later duplicates replace earlier ones and
-    keep their children. Returns the regular files owning data records (some replaced
-    later), the id()s of the replaced ones, and the hardlinks (id → node, name, target)."""
+    """Step 2: one node per entry in TOC order (with step 1 for its data); later duplicates
+    replace earlier ones and keep their children. Returns the regular files owning data
+    records (some replaced later), the id()s of the replaced ones, and the hardlinks
+    (id → node, name, target)."""
     root = nodes.root
     by_path = nodes.by_path
     hardlinks: dict[int, tuple[Node, str, str]] = {}
@@ -282,6 +285,7 @@ def _make_nodes(
     for position, entry in enumerate(entries):
         if consume:
             entries[position] = None  # type: ignore[call-overload]  # freed once this loop drops it
+        refs = records.refs(entry) if entry.chunks else None  # hidden entries' data counts too (v2.1)
         name = entry.name
         if name in hidden:
             continue
@@ -302,9 +306,7 @@ def _make_nodes(
                     {} if kind == "dir" else None)
         if kind == "reg":
             node.size = entry.size
-            refs = refs_at[position]
             if refs is not None:
-                refs_at[position] = None
                 node.chunks = refs
                 with_chunks.append(node)
         elif kind != "dir":

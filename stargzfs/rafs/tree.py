@@ -63,6 +63,7 @@ class Node(msgspec.Struct, gc=False, eq=False, repr_omit_defaults=True):
     children: dict[bytes, Node] | None = None
     link: LinkGroup | None = None
     nid: int = 0  # set by the reader (source nid); informational only
+    addr: int = 0  # set by the writer: this path's inode address in the image it last laid out
 
     @classmethod
     def directory(cls, name: bytes, mode: int) -> Node:

@@ -13,7 +13,7 @@ import struct
 from itertools import chain, islice, repeat
 
 from stargzfs.errors import UnsupportedError
-from stargzfs.rafs.layout import DIR, FILE, SYMLINK, Layout, compute_layout
+from stargzfs.rafs.layout import DIR, FILE, SYMLINK, Layout, Placement, compute_layout
 from stargzfs.rafs.ondisk import (
     BLOB_ENTRY,
     BLOB_FEATURE_ALIGNED,
@@ -106,7 +106,7 @@ def write_bootstrap(image: RafsImage) -> bytearray:
     buf = bytearray(total)
 
     has_xattr = _emit_inodes(buf, layout, meta_addr, image.chunk_size)
-    _emit_chunk_table(buf, chunk_table_offset, [ref for _, ref in sorted(records.items())])
+    _emit_chunk_table(buf, chunk_table_offset, [records[key] for key in sorted(records)])
     del records
     bt_offset = blob_table_offset(len(blobs))
     for index, blob in enumerate(blobs):
@@ -201,7 +201,6 @@ def _check_fields(node: Node) -> None:
 
 
 def _emit_inodes(buf: bytearray, layout: Layout, meta_addr: int, chunk_size: int) -> bool:
-    addr_of = layout.addr_of
     nlink_of_group = layout.nlink_of_group
     pack_inode = INODE_EXTENDED.pack_into
     pack_index = CHUNK_INDEX.pack_into
@@ -256,9 +255,7 @@ def _emit_inodes(buf: bytearray, layout: Layout, meta_addr: int, chunk_size: int
         elif kind == SYMLINK:
             _emit_data(buf, node.symlink or b"", meta_addr + p.data_addr, pos + inode_base + xattr_size, p.inline)
         else:
-            _emit_dirents(
-                buf, p.entries or [], addr_of, meta_addr + p.data_addr, pos + inode_base + xattr_size, p.inline
-            )
+            _emit_dirents(buf, p, meta_addr + p.data_addr, pos + inode_base + xattr_size)
     return has_xattr
 
 
@@ -269,31 +266,32 @@ def _emit_data(buf: bytearray, data: bytes, data_pos: int, tail_pos: int, inline
         buf[tail_pos:tail_pos + len(data) - full] = data[full:]
 
 
-def _emit_dirents(
-    buf: bytearray, entries: list[tuple[bytes, Node]], addr_of: dict[int, int], data_pos: int, tail_pos: int,
-    inline: bool,
-) -> None:
+def _emit_dirents(buf: bytearray, placement: Placement, data_pos: int, tail_pos: int) -> None:
     """Blocks of [dirents][names]; the last partial block goes inline when `inline`."""
-    bounds: list[int] = [0]  # index of each block's first entry, then len(entries)
+    names = placement.names or []
+    directory, parent = placement.node, placement.parent
+    children = directory.children or {}
+    bounds: list[int] = [0]  # index of each block's first entry, then len(names)
     used = 0
-    for number, (name, _) in enumerate(entries):
+    for number, name in enumerate(names):
         cost = DIRENT_SIZE + len(name)
         if used + cost > BLOCK_SIZE:
             bounds.append(number)
             used = 0
         used += cost
-    bounds.append(len(entries))
+    bounds.append(len(names))
     pack_dirent = DIRENT.pack_into
     file_types = FILE_TYPE_BY_IFMT
     last = len(bounds) - 2
     for number in range(last + 1):
-        block = entries[bounds[number]:bounds[number + 1]]
-        base = tail_pos if (inline and number == last) else data_pos + BLOCK_SIZE * number
+        block = names[bounds[number]:bounds[number + 1]]
+        base = tail_pos if (placement.inline and number == last) else data_pos + BLOCK_SIZE * number
         nameoff = DIRENT_SIZE * len(block)
         names_at = base + nameoff
-        for name, child in block:
-            pack_dirent(buf, base, addr_of[id(child)] // 32, nameoff, file_types.get((child.mode >> 12) & 0o17, 0), 0)
+        for name in block:
+            child = children[name] if name != b"." and name != b".." else (directory if name == b"." else parent)
+            pack_dirent(buf, base, child.addr // 32, nameoff, file_types.get((child.mode >> 12) & 0o17, 0), 0)
             base += DIRENT_SIZE
             nameoff += len(name)
-        names = b"".join([name for name, _ in block])
-        buf[names_at:names_at + len(names)] = names
+        joined = b"".join(block)
+        buf[names_at:names_at + len(joined)] = joined
