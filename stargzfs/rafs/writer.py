@@ -6,11 +6,7 @@ memory stays proportional to the tree, not to Python temporaries.
 
 from __future__ import annotations
 
-import functools
-import operator
 import stat
-import struct
-from itertools import chain, islice, repeat
 
 from stargzfs.errors import UnsupportedError
 from stargzfs.rafs.layout import DIR, FILE, SYMLINK, Layout, Placement, compute_layout
@@ -158,27 +154,16 @@ def _chunk_records(layout: Layout, blob_count: int) -> dict[bytes, ChunkRef]:
     return records
 
 
-_RECORDS_PER_PACK = 512
-_RECORD_HEAD = operator.itemgetter(7, 0)  # ChunkRef → block_id, blob_index
-_RECORD_TAIL = operator.itemgetter(5, 3, 4, 2, 6, 1)  # csize, usize, coff, uoff, file offset, index
-
-
-@functools.lru_cache(maxsize=4)
-def _records_struct(count: int) -> struct.Struct:
-    return struct.Struct("<" + CHUNK_RECORD.format.lstrip("<") * count)
-
-
 def _emit_chunk_table(buf: bytearray, offset: int, refs: list[ChunkRef]) -> None:
-    """The chunk table, `_RECORDS_PER_PACK` records per pack_into: the values are laid
-    out by C iterators (itemgetter/zip/chain) instead of a Python loop per record."""
-    fields = chain.from_iterable(chain.from_iterable(zip(
-        map(_RECORD_HEAD, refs), repeat((CHUNK_FLAG_COMPRESSED,)), map(_RECORD_TAIL, refs), repeat((0,))
-    )))
-    for start in range(0, len(refs), _RECORDS_PER_PACK):
-        count = min(_RECORDS_PER_PACK, len(refs) - start)
-        packer = _records_struct(count)
-        packer.pack_into(buf, offset, *islice(fields, 10 * count))
-        offset += packer.size
+    """The chunk table, records in `refs` order (unpacking each ChunkRef tuple in the loop
+    header is the cheapest way to reach its fields)."""
+    pack_record = CHUNK_RECORD.pack_into
+    for blob_index, chunk_index, uoff, usize, coff, csize, file_offset, block_id in refs:
+        pack_record(
+            buf, offset, block_id, blob_index, CHUNK_FLAG_COMPRESSED, csize, usize, coff, uoff, file_offset,
+            chunk_index, 0,
+        )
+        offset += CHUNK_RECORD.size
 
 
 def _emit_xattrs(buf: bytearray, pos: int, xattrs: list[tuple[bytes, bytes]]) -> None:
@@ -244,12 +229,10 @@ def _emit_inodes(buf: bytearray, layout: Layout, meta_addr: int, chunk_size: int
             chunks = node.chunks
             if chunks:
                 index_pos = (pos + inode_base + xattr_size + 7) & -8
-                for ref in chunks:
-                    chunk_index = ref.chunk_index
+                for blob_index, chunk_index, uoff, _, _, _, _, _ in chunks:  # ChunkRef fields
                     pack_index(
                         buf, index_pos, chunk_index & 0xFFFF,
-                        ((ref.blob_index + 1) & 0xFF) | (((chunk_index >> 16) & 0xFF) << 8),
-                        ref.uncompressed_offset // BLOCK_SIZE,
+                        ((blob_index + 1) & 0xFF) | (((chunk_index >> 16) & 0xFF) << 8), uoff // BLOCK_SIZE,
                     )
                     index_pos += 8
         elif kind == SYMLINK:
