@@ -10,6 +10,7 @@ xattrs sorted; hardlinks take the target's inode *and* xattrs. TOCs nydusd could
 from __future__ import annotations
 
 import hashlib
+import operator
 import stat
 import struct
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ MAX_COMPRESSED_OFFSET = (1 << 40) - 1  # blob.meta v1 comp_info bits
 MAX_UNCOMPRESSED_END = 1 << 44  # blob.meta v1 uncomp_info bits / u32 blkaddr
 MAX_XATTR_VALUE = 0xFFFF
 _BLOCK_ID_FIELDS = struct.Struct("<QQQ")
+_CHUNK_INDEX_OF = operator.itemgetter(1)  # ChunkRef.chunk_index, without a Python call per ref
 
 
 @dataclass
@@ -417,7 +419,7 @@ def _assign_chunk_indexes(files: Iterable[Node], created: int) -> list[ChunkRef]
         # every record alive and referenced once: indexes are creation order, which is
         # uncompressed-offset order
         by_index = [ref for refs in lists.values() for ref in refs]
-        by_index.sort(key=lambda ref: ref.chunk_index)
+        by_index.sort(key=_CHUNK_INDEX_OF)
         return by_index
 
     reference_counts: dict[int, int] = {}
