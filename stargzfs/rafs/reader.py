@@ -112,13 +112,15 @@ class BootstrapReader:
         return [BlobEntry.unpack(self.data, self.ext.blob_table_offset + BLOB_ENTRY.size * i)
                 for i in range(size // BLOB_ENTRY.size)]
 
-    def chunk_records(self) -> list[ChunkRecord]:
+    def chunk_table(self) -> bytes:
+        """The chunk table's bytes, bounds-checked: CHUNK_RECORD.size bytes per record."""
         size = self.ext.chunk_table_size
         if size % CHUNK_RECORD.size:
             raise FormatError(f"chunk table size {size} is not a multiple of {CHUNK_RECORD.size}")
-        self.slice(self.ext.chunk_table_offset, size, "chunk table")
-        base = self.ext.chunk_table_offset
-        return [ChunkRecord(*fields[:9]) for fields in CHUNK_RECORD.iter_unpack(self.data[base:base + size])]
+        return self.slice(self.ext.chunk_table_offset, size, "chunk table")
+
+    def chunk_records(self) -> list[ChunkRecord]:
+        return [ChunkRecord(*fields[:9]) for fields in CHUNK_RECORD.iter_unpack(self.chunk_table())]
 
     # --- inodes ---------------------------------------------------------------------------
     def inode(self, nid: int) -> Inode:
@@ -288,9 +290,8 @@ class _TreeReader:
         self.data = data if type(data) is bytes else bytes(data)  # slices must be hashable keys
         self.meta_base = reader.meta_base
         self.blob_count = blob_count
-        self.records = reader.chunk_records()
-        self.refs = _refs_by_index_bytes(self.records, blob_count)
-        self._table: dict[tuple[int, int, int], ChunkRecord] | None = None  # for error paths only
+        self.refs = _refs_by_index_bytes(reader.chunk_table(), blob_count)
+        self._table: dict[tuple[int, int, int], ChunkRecord] | None = None  # for the checked path only
 
     def read(self, root_inode: Inode) -> Node:
         reader = self.reader
@@ -370,7 +371,7 @@ class _TreeReader:
         elif kind == stat.S_IFREG:
             if inode.size:
                 if self._table is None:
-                    self._table = chunk_table_map(self.records)
+                    self._table = chunk_table_map(reader.chunk_records())
                 node.chunks = _chunks(reader, self._table, nid, inode, self.blob_count)
         elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
             node.size = 0
@@ -388,20 +389,20 @@ def _hardlink(name: bytes, nid: int, first: Node) -> Node:
     return child
 
 
-def _refs_by_index_bytes(records: list[ChunkRecord], blob_count: int) -> dict[bytes, ChunkRef]:
-    """The 8 on-disk bytes of the chunk index that finds each record (nydusd's key
-    (blob, chunk index, block address)) → its ChunkRef. Records no index can name (blob
+def _refs_by_index_bytes(table: bytes, blob_count: int) -> dict[bytes, ChunkRef]:
+    """The 8 on-disk bytes of the chunk index that finds each chunk-table record (nydusd's
+    key (blob, chunk index, block address)) → its ChunkRef. Records no index can name (blob
     out of range, index beyond 24 bits, the null block address) are left out, so their
     lookups fail into the checked path as before."""
     refs: dict[bytes, ChunkRef] = {}
     pack = CHUNK_INDEX.pack
     reachable = min(blob_count, 0xFF)  # device ids are one byte and start at 1
-    for r in records:
-        blkaddr = r.uncompressed_offset // BLOCK_SIZE
-        if 0 <= r.blob_index < reachable and r.index < 1 << 24 and blkaddr < NULL_ADDR:
-            key = pack(r.index & 0xFFFF, ((r.blob_index + 1) & 0xFF) | ((r.index >> 16) << 8), blkaddr)
-            refs[key] = ChunkRef(r.blob_index, r.index, r.uncompressed_offset, r.uncompressed_size,
-                                 r.compressed_offset, r.compressed_size, r.file_offset, r.block_id)
+    make_ref = tuple.__new__  # ChunkRef(...) costs twice as much; fields in ChunkRef order
+    for block_id, blob_index, _, csize, usize, coff, uoff, foff, index, _ in CHUNK_RECORD.iter_unpack(table):
+        blkaddr = uoff // BLOCK_SIZE
+        if blob_index < reachable and index < 1 << 24 and blkaddr < NULL_ADDR:
+            key = pack(index & 0xFFFF, ((blob_index + 1) & 0xFF) | ((index >> 16) << 8), blkaddr)
+            refs[key] = make_ref(ChunkRef, (blob_index, index, uoff, usize, coff, csize, foff, block_id))
     return refs
 
 
