@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import stat
 import struct
+from collections.abc import Callable
 
 from stargzfs.errors import FormatError
 from stargzfs.rafs.ondisk import (
@@ -245,15 +246,26 @@ def chunk_table_map(records: list[ChunkRecord]) -> dict[tuple[int, int, int], Ch
     return {(r.blob_index, r.index, r.uncompressed_offset // BLOCK_SIZE): r for r in records}
 
 
-def read_bootstrap(data: bytes) -> RafsImage:
-    """Whole bootstrap → RafsImage (nids kept in Node.nid); FormatError on any inconsistency."""
+BlobPositions = Callable[[list[BlobInfo]], list[int]]
+
+
+def read_bootstrap(data: bytes, *, blob_positions: BlobPositions | None = None) -> RafsImage:
+    """Whole bootstrap → RafsImage (nids kept in Node.nid); FormatError on any inconsistency.
+
+    `blob_positions` (merge) is called with the blob table before the tree is read and
+    returns each blob's index in the caller's table; chunk refs are made with those indexes,
+    so a merge does not renumber every chunk afterwards.
+    """
     reader = BootstrapReader(data)
     flags = reader.ext.flags
     blobs = [_blob_info(entry) for entry in reader.blob_entries()]
+    positions = blob_positions(blobs) if blob_positions is not None else None
+    if positions is not None and positions == list(range(len(blobs))):
+        positions = None
     root_inode = reader.inode(reader.sb.root_nid)
     if not stat.S_ISDIR(root_inode.mode):
         raise FormatError(f"root nid {reader.sb.root_nid} is not a directory (mode {root_inode.mode:#o})")
-    root = _TreeReader(reader, len(blobs)).read(root_inode)
+    root = _TreeReader(reader, len(blobs), positions).read(root_inode)
     compressor = flags_compressor(flags)
     digester = flags_digester(flags)
     if compressor is None or digester is None:
@@ -284,13 +296,14 @@ class _TreeReader:
     messages stay precise.
     """
 
-    def __init__(self, reader: BootstrapReader, blob_count: int) -> None:
+    def __init__(self, reader: BootstrapReader, blob_count: int, positions: list[int] | None) -> None:
         self.reader = reader
         data = reader.data
         self.data = data if type(data) is bytes else bytes(data)  # slices must be hashable keys
         self.meta_base = reader.meta_base
         self.blob_count = blob_count
-        self.refs = _refs_by_index_bytes(reader.chunk_table(), blob_count)
+        self.positions = positions
+        self.refs = _refs_by_index_bytes(reader.chunk_table(), blob_count, positions)
         self._table: dict[tuple[int, int, int], ChunkRecord] | None = None  # for the checked path only
 
     def read(self, root_inode: Inode) -> Node:
@@ -373,6 +386,8 @@ class _TreeReader:
                 if self._table is None:
                     self._table = chunk_table_map(reader.chunk_records())
                 node.chunks = _chunks(reader, self._table, nid, inode, self.blob_count)
+                if self.positions is not None:
+                    node.chunks = [ref._replace(blob_index=self.positions[ref.blob_index]) for ref in node.chunks]
         elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
             node.size = 0
         else:
@@ -389,11 +404,12 @@ def _hardlink(name: bytes, nid: int, first: Node) -> Node:
     return child
 
 
-def _refs_by_index_bytes(table: bytes, blob_count: int) -> dict[bytes, ChunkRef]:
+def _refs_by_index_bytes(table: bytes, blob_count: int, positions: list[int] | None) -> dict[bytes, ChunkRef]:
     """The 8 on-disk bytes of the chunk index that finds each chunk-table record (nydusd's
-    key (blob, chunk index, block address)) → its ChunkRef. Records no index can name (blob
-    out of range, index beyond 24 bits, the null block address) are left out, so their
-    lookups fail into the checked path as before."""
+    key (blob, chunk index, block address)) → its ChunkRef, whose blob index is taken from
+    `positions` when given. Records no index can name (blob out of range, index beyond 24
+    bits, the null block address) are left out, so their lookups fail into the checked path
+    as before."""
     refs: dict[bytes, ChunkRef] = {}
     pack = CHUNK_INDEX.pack
     reachable = min(blob_count, 0xFF)  # device ids are one byte and start at 1
@@ -402,7 +418,8 @@ def _refs_by_index_bytes(table: bytes, blob_count: int) -> dict[bytes, ChunkRef]
         blkaddr = uoff // BLOCK_SIZE
         if blob_index < reachable and index < 1 << 24 and blkaddr < NULL_ADDR:
             key = pack(index & 0xFFFF, ((blob_index + 1) & 0xFF) | ((index >> 16) << 8), blkaddr)
-            refs[key] = make_ref(ChunkRef, (blob_index, index, uoff, usize, coff, csize, foff, block_id))
+            position = blob_index if positions is None else positions[blob_index]
+            refs[key] = make_ref(ChunkRef, (position, index, uoff, usize, coff, csize, foff, block_id))
     return refs
 
 
