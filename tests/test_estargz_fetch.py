@@ -277,6 +277,19 @@ def test_digest_is_checked_before_json_parsing(tmp_path: Path) -> None:
         read_toc_file(write(tmp_path, blob), expected_digest="sha256:" + "1" * 64)
 
 
+def test_parse_false_verifies_without_parsing(tmp_path: Path, compression: str) -> None:
+    """The daemon's mode: footer, TOC bytes and digest are checked; the JSON is left to the
+    builder subprocess, so even a TOC it will refuse comes back verbatim."""
+    blob, toc_json = make_blob(FILES, compression, toc_json=b'{"version": 2, "entries": "not parsed here"}')
+    path = write(tmp_path, blob)
+    result = read_toc_file(path, expected_digest=_sha(toc_json), parse=False)
+    assert result.toc is None and result.raw == toc_json and result.requests == 1
+    with pytest.raises(VerificationError):
+        read_toc_file(path, expected_digest="sha256:" + "1" * 64, parse=False)
+    with pytest.raises(FormatError, match="TOC version must be 1"):
+        read_toc_file(path, expected_digest=_sha(toc_json))
+
+
 def test_gzip_toc_over_the_cap_fails_from_the_tar_header(tmp_path: Path) -> None:
     """A tar header claiming 1 TiB of JSON is refused before any of it is decoded."""
     header = tarfile.TarInfo("stargz.index.json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from stargzfs import image_cli
 from stargzfs.atomicio import OutputError
 from stargzfs.errors import FormatError, UnsupportedError, UsageError
-from stargzfs.estargz.toc import parse_toc
+from stargzfs.estargz.toc import MAX_NAME_DEPTH, parse_toc
 from stargzfs.rafs.build import build_bootstrap
 from stargzfs.rafs.check import check_bootstrap
 from stargzfs.rafs.merge import merge_bootstraps
@@ -193,7 +194,8 @@ def test_parent_bootstrap_is_the_bottom_of_the_stack(tmp_path: Path) -> None:
 
 
 def test_deep_directories_do_not_hit_the_recursion_limit(tmp_path: Path) -> None:
-    deep = "/".join(["d"] * 1500)
+    deep = "/".join(["d"] * (MAX_NAME_DEPTH - 1))  # the leaves are as deep as a TOC name may be
+    assert MAX_NAME_DEPTH > sys.getrecursionlimit()
     lower = write_layer(tmp_path, "lower", [entry(deep, "dir"), entry(deep + "/leaf", data=1)])
     upper = write_layer(tmp_path, "upper", [entry(deep, "dir"), entry(deep + "/.wh.leaf"), entry(deep + "/new")])
     _, image = merged(lower, upper)

@@ -20,9 +20,10 @@ from stargzfs.estargz.fetch import FileRangeReader
 from stargzfs.estargz.toc import parse_toc
 from stargzfs.rafs import from_toc
 from stargzfs.rafs.blobmeta import decode_blob_meta
-from stargzfs.rafs.build import BuildResult, build_bootstrap
+from stargzfs.rafs.build import BuildResult, build_bootstrap, build_bootstrap_from_toc_file
 from stargzfs.rafs.check import check_bootstrap
 from stargzfs.rafs.materialize import materialize
+from stargzfs.rafs.merge import merge_bootstraps
 from stargzfs.rafs.ondisk import (
     FLAG_COMPRESS_ZSTD,
     FLAG_EXPLICIT_UID_GID,
@@ -302,6 +303,46 @@ def test_duplicate_path_later_wins_and_keeps_children() -> None:
     assert d is not None and stat.S_IMODE(d.mode) == 0o711 and list(d.children or {}) == [b"f"]
     g = image.lookup("/g")
     assert g is not None and g.symlink == b"d/f"
+
+
+# --- output bytes, pinned ---------------------------------------------------------------
+# sha256 of (bootstrap, blob.meta) as built at commit 12f1215, before the msgspec TOC model
+# and the tree/writer/reader rework: a change here changes what nydusd and the kernel read,
+# and needs a reason of its own. (scripts/bench.py build/merge pin the 10k-1M bench TOCs.)
+PINNED = {
+    "empty": ("39518d9222bed5c91ce4d3e21db2283a9c5ffce994faca677a555ae7d126adc0", None),
+    "lower": ("fc3a4ec45dbb8a11a2e583c548651da9993a340f93c46f8719884fa775e245cb",
+              "8745125f39e123e696fb6102e3ca83942dc9cbb674554b11467d62b85128642d"),
+    "upper": ("93f8615919e21522f178a36226f40d643f465c81ef1b39d8c044363b6f2b83f0",
+              "d1fd64b11694eeeca49f4f19c7c35b92e61ea8c79789294ce4e8813d803e1cd4"),
+    "merged": ("66e8bd0ec8add1927a45241f65ddbeffbaa9b6e26db98ac62ba0b8feef85b54e", None),
+    "crafted": ("ac3fb8fb54ccc061234c7d9d9de5e4f7fd96086615ce05902a0a3cbd3461423a",
+                "3fa725b0e2067489acf397b222545cbd9a591d9304d6470fa362dae642fa2cc1"),
+    "crafted-zstd": ("fa951407a7fa326b6d8e32196582ee7bf10697cb56e67733833c2f2a1645dc9a",
+                     "3fa725b0e2067489acf397b222545cbd9a591d9304d6470fa362dae642fa2cc1"),
+}
+
+
+def _digests(bootstrap: bytes | bytearray, blob_meta: bytes | None = None) -> tuple[str, str | None]:
+    return hashlib.sha256(bootstrap).hexdigest(), hashlib.sha256(blob_meta).hexdigest() if blob_meta else None
+
+
+def test_output_bytes_are_pinned(fixture_builds: dict[str, BuildResult], tmp_path: Path) -> None:
+    ids = {"empty": EMPTY_ID, "lower": LOWER_ID, "upper": UPPER_ID}
+    for name, blob_id in ids.items():
+        built = fixture_builds[name]
+        assert _digests(built.bootstrap, built.blob_meta) == PINNED[name], name
+        # the CLI's path (TOC read from a file, parsed without digests) gives the same bytes
+        from_file = build_bootstrap_from_toc_file(NYDUS_FIXTURES / f"stargz.index-{name}.json", blob_id=blob_id)
+        assert _digests(from_file.bootstrap, from_file.blob_meta) == PINNED[name], name
+        (tmp_path / blob_id).write_bytes(built.bootstrap)
+    merged = merge_bootstraps([tmp_path / blob_id for blob_id in ids.values()])
+    assert _digests(merged.bootstrap) == PINNED["merged"]
+    layer = craft_layer()
+    result = build_bootstrap(parse_toc(layer.toc), blob_id=CRAFTED_ID, repeatable=False)
+    assert _digests(result.bootstrap, result.blob_meta) == PINNED["crafted"]
+    result = build_bootstrap(parse_toc(layer.toc), blob_id=CRAFTED_ID, repeatable=True, compressor="zstd")
+    assert _digests(result.bootstrap, result.blob_meta) == PINNED["crafted-zstd"]
 
 
 # --- rejections --------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def _first_lookup(args: argparse.Namespace) -> tuple[list[dict], dict]:
         async def bare(digest: str, out: Path) -> float:
             started = time.perf_counter()
             async with RegistryClient() as client:
-                result = await fetch_toc(client.blob(image.ref, digest))
+                result = await fetch_toc(client.blob(image.ref, digest), parse=False)  # as the mount does
             toc = out / "stargz.index.json"
             toc.write_bytes(result.raw)
             layer_hex = digest.split(":")[1]

@@ -8,19 +8,19 @@ bbolt + WalkInfo/GetInfo (includes its process start), run side by side.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from support.gohelper import Snapdb, build_many_snapshots_db, build_snapdb  # noqa: E402
 
+from _common import median_seconds  # noqa: E402
 from stargzfs.snapshots.store import SnapshotSource, load_snapshots  # noqa: E402
 
 TARGET_SECONDS = 0.5
@@ -31,15 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed reads (median reported)")
 
 
-def _median_seconds(repeat: int, action: Any) -> float:
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        action()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="stargzfs-bench-snapshots-") as scratch:
         work = Path(scratch)
@@ -47,14 +38,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         db = build_many_snapshots_db(snapdb, work / "metadata.db", args.snapshots)
         load_snapshots(db)  # warm the page cache for both readers
         stats: dict[str, int] = {}
-        ours = _median_seconds(args.repeat, lambda: load_snapshots(db, stats=stats))
-        peer = _median_seconds(
+        ours = median_seconds(args.repeat, lambda: load_snapshots(db, stats=stats))
+        peer = median_seconds(
             args.repeat,
             lambda: subprocess.run([str(snapdb.binary), "list", str(db)], check=True, capture_output=True),
         )
         source = SnapshotSource(db)
         source.current()
-        cached = _median_seconds(args.repeat, source.current)
+        cached = median_seconds(args.repeat, source.current)
         size = db.stat().st_size
     rows = [
         {"reader": "stargzfs load_snapshots", "seconds": f"{ours:.3f}", "vs peer": f"{ours / peer:.2f}x"},

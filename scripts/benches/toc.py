@@ -4,13 +4,18 @@ For each size an image with N empty files is converted by `ctr-remote i convert 
 (GOMAXPROCS=1) in a private containerd and pushed to a private docker-registry; then
 `fetch_toc` runs through `RegistryClient` several times. Reported per size: range requests
 (from our counter and the registry's access log), bytes fetched vs the compressed TOC member,
-the TOC's size, and the median wall time next to two peers on the same machine: a bare
-ranged GET of exactly the TOC member bytes (the network floor) and `parse_toc` alone.
+the TOC's size, and the median wall time next to peers on the same machine: a bare ranged
+GET of exactly the TOC member bytes (the network floor), `json.loads` of the same TOC bytes
+(the yardstick of issue #11: fetch_toc ≤ 1.0× it) and `parse_toc` alone. fetch_toc is timed
+both as `stargzfs toc` runs it (parse) and as the mount's daemon does (parse=False: footer,
+TOC bytes, digest; the builder subprocess parses).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
 import sys
@@ -24,7 +29,9 @@ import trio
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # tests/support: the registry/containerd drivers the suite uses
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import median_seconds  # noqa: E402
 from stargzfs.estargz.fetch import DEFAULT_TAIL_SIZE, TocResult, fetch_toc  # noqa: E402
 from stargzfs.estargz.toc import parse_toc  # noqa: E402
 from stargzfs.registry import RegistryClient  # noqa: E402
@@ -44,12 +51,12 @@ def _layer(files: int) -> list[FileSpec]:
     return [FileSpec("", "dir"), *dirs, *(FileSpec(f"d{i // 1000:03d}/f{i:06d}") for i in range(files))]
 
 
-async def _fetch_once(image: PushedImage, tail_size: int) -> tuple[TocResult, float]:
+async def _fetch_once(image: PushedImage, tail_size: int, parse: bool = True) -> tuple[TocResult, float]:
     layer = image.layers[0]
     async with RegistryClient() as client:
         started = time.perf_counter()
         result = await fetch_toc(
-            client.blob(image.ref, layer.digest), tail_size=tail_size, expected_digest=layer.toc_digest
+            client.blob(image.ref, layer.digest), tail_size=tail_size, expected_digest=layer.toc_digest, parse=parse
         )
         return result, time.perf_counter() - started
 
@@ -71,14 +78,14 @@ def _measure(registry: RegistryProcess, image: PushedImage, files: int, args: ar
     since = registry.mark()
     result, _ = trio.run(_fetch_once, image, args.tail_size)
     logged = len(registry.access_log()[since:])
-    fetch_times = [trio.run(_fetch_once, image, args.tail_size)[1] for _ in range(args.repeat)]
-    bare_times = [_bare_range_get(image, result) for _ in range(args.repeat)]
-    parse_times = []
-    for _ in range(args.repeat):
-        started = time.perf_counter()
-        parse_toc(result.raw)
-        parse_times.append(time.perf_counter() - started)
-    fetch_s, bare_s, parse_s = (statistics.median(t) for t in (fetch_times, bare_times, parse_times))
+    fetch_times, daemon_times, json_times = [], [], []
+    for _ in range(args.repeat):  # interleaved: each pair sees the same machine load
+        fetch_times.append(trio.run(_fetch_once, image, args.tail_size)[1])
+        daemon_times.append(trio.run(_fetch_once, image, args.tail_size, False)[1])
+        json_times.append(median_seconds(1, lambda: json.loads(result.raw)))
+    bare_s = statistics.median([_bare_range_get(image, result) for _ in range(args.repeat)])
+    parse_s = median_seconds(args.repeat, lambda: parse_toc(result.raw))
+    fetch_s, daemon_s, json_s = (statistics.median(t) for t in (fetch_times, daemon_times, json_times))
     return {
         "files": files,
         "toc_entries": len(result.toc.entries),
@@ -92,6 +99,10 @@ def _measure(registry: RegistryProcess, image: PushedImage, files: int, args: ar
         "fetch_toc_ms": round(fetch_s * 1000, 1),
         "bare_range_get_ms": round(bare_s * 1000, 1),
         "parse_toc_ms": round(parse_s * 1000, 1),
+        "json_loads_ms": round(json_s * 1000, 1),
+        "fetch_over_json_loads": round(fetch_s / json_s, 2),
+        "fetch_no_parse_ms": round(daemon_s * 1000, 1),
+        "fetch_no_parse_over_json_loads": round(daemon_s / json_s, 2),
         "fetch_over_bare_get": round(fetch_s / bare_s, 1),
     }
 
@@ -118,6 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     return {
         "rows": rows,
+        "load_average": os.getloadavg(),
         "tail_size": args.tail_size,
         "repeat": args.repeat,
         "image_build_seconds (ctr-remote convert, not part of the measurement)": build_seconds,

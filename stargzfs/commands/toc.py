@@ -124,6 +124,7 @@ async def _fetch(args: argparse.Namespace) -> TocResult:
 
 def summary(layer_digest: str, result: TocResult) -> str:
     footer = result.footer
+    assert result.toc is not None  # fetched with parse=True
     requests = f"{result.requests} request" + ("s" if result.requests != 1 else "")
     return (
         f"{layer_digest}: {footer.kind} ({footer.compression}), {len(result.toc.entries)} entries, "

@@ -74,8 +74,11 @@ async def fetch_layer_toc(
         given = Credentials(*candidate.pull_credentials) if candidate.pull_credentials else None
         found = await credentials.resolve(reference, given)
         blob = client.blob(reference, candidate.layer_digest, credentials=found, resolved=True)
-        # decoding + parsing a TOC of up to 150 MiB takes seconds: not on the event loop
-        return await fetch_toc(blob, expected_digest=candidate.toc_digest, offload=trio.to_thread.run_sync)
+        # decompressing a TOC of up to 150 MiB takes a while: not on the event loop. Only the
+        # builder subprocess (memory-capped) parses it: the daemon checks bytes and digest.
+        return await fetch_toc(
+            blob, expected_digest=candidate.toc_digest, offload=trio.to_thread.run_sync, parse=False
+        )
     except NotEstargzError as exc:
         raise NotConvertible(str(exc) if str(exc).startswith("not eStargz") else f"not eStargz: {exc}") from None
     except UnsupportedError as exc:

@@ -4,6 +4,9 @@ Upstream spends ~6 requests per layer (probe, size, footer twice, TOC) and verif
 nothing. Here one suffix read of `tail_size` bytes yields the blob size and the footer
 and, for typical TOCs, the whole TOC member too; only a TOC larger than the window costs
 a second read of exactly its range. The TOC digest is checked before the JSON is parsed.
+
+`parse=False` stops after the digest check: the FUSE daemon hands the verified bytes to
+the builder subprocess, which parses them once, in a process whose memory is capped.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ DEFAULT_TAIL_SIZE = 64 * 1024
 DEFAULT_MAX_TOC_SIZE = 150 * 1024 * 1024  # containers/storage's maxTocSize
 
 T = TypeVar("T")
-Offload = Callable[[Callable[[], Toc]], Awaitable[Toc]]
+Offload = Callable[[Callable[[], T]], Awaitable[T]]
 
 
 class RangeReader(Protocol):
@@ -79,8 +82,8 @@ class FileRangeReader:
 @dataclass
 class TocResult:
     footer: Footer
-    toc: Toc
-    raw: bytes  # == toc.raw, the verbatim `stargz.index.json`
+    toc: Toc | None  # None when fetched with parse=False
+    raw: bytes  # the verbatim `stargz.index.json` (== toc.raw)
     requests: int  # range requests this fetch made (1 or 2)
     bytes_fetched: int  # bytes transferred by those requests
 
@@ -96,11 +99,13 @@ async def fetch_toc(
     max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
     expected_digest: str | None = None,
     offload: Offload | None = None,
+    parse: bool = True,
 ) -> TocResult:
     """Footer → TOC → digest check → parsed TOC; NotEstargzError for a plain layer.
 
-    Decoding and parsing a 100k-entry TOC is CPU work of seconds; a server passes
+    Decompressing and parsing a large TOC is CPU work of up to seconds; a server passes
     `offload=trio.to_thread.run_sync` so its event loop keeps answering meanwhile.
+    `parse=False` returns the verified bytes only (`TocResult.toc` is None).
     """
     if tail_size < MAX_FOOTER_SIZE:
         raise UsageError(f"tail size {tail_size} is below the {MAX_FOOTER_SIZE}-byte footer")
@@ -130,7 +135,7 @@ async def fetch_toc(
                 f"short TOC read: got {len(member)} of {footer.toc_end - start} bytes at offset {start}"
             )
 
-    def decode() -> Toc:
+    def decode() -> tuple[bytes, Toc | None]:
         raw = codec.read_toc(member, footer, max_toc_size)
         if expected_digest is not None:
             actual = sha256_digest(raw)
@@ -138,10 +143,10 @@ async def fetch_toc(
                 raise VerificationError(
                     f"TOC digest mismatch: the blob's TOC is {actual}, the layer label says {expected_digest}"
                 )
-        return parse_toc(raw)
+        return raw, parse_toc(raw) if parse else None
 
-    toc = decode() if offload is None else await offload(decode)
-    return TocResult(footer=footer, toc=toc, raw=toc.raw, requests=requests, bytes_fetched=fetched)
+    raw, toc = decode() if offload is None else await offload(decode)
+    return TocResult(footer=footer, toc=toc, raw=raw, requests=requests, bytes_fetched=fetched)
 
 
 def _check_sizes(footer: Footer, max_toc_size: int) -> None:

@@ -80,7 +80,7 @@ def build_bootstrap_from_toc_file(
         raw = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read TOC {str(path)!r}: {exc.strerror}") from None
-    toc = parse_toc(raw)
+    toc = parse_toc(raw, digests=False)  # the bootstrap needs no digest strings
     del raw
     toc.raw = b""  # only `stargz.index.json` writers need the bytes; this Toc is ours alone
     with paused_gc():

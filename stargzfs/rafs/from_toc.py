@@ -10,22 +10,24 @@ xattrs sorted; hardlinks take the target's inode *and* xattrs. TOCs nydusd could
 from __future__ import annotations
 
 import hashlib
+import operator
 import stat
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from stargzfs.errors import FormatError, UnsupportedError
-from stargzfs.estargz.toc import HIDDEN_ROOT_NAMES, TYPE_BITS, Entry, Toc
+from stargzfs.estargz.toc import HIDDEN_ROOT_NAMES, TYPE_BITS, EntryCore, Toc
 from stargzfs.rafs.blobmeta import MAX_ENTRIES, blob_meta_header_for
 from stargzfs.rafs.ondisk import BLOCK_SIZE, new_encode_dev, split_xattr_name
-from stargzfs.rafs.tree import BlobInfo, ChunkRef, LinkGroup, Node, RafsImage
+from stargzfs.rafs.tree import NO_CHUNKS, NO_XATTRS, BlobInfo, ChunkRef, LinkGroup, Node, RafsImage
 
 MAX_NAME_LEN = 255
 MAX_COMPRESSED_OFFSET = (1 << 40) - 1  # blob.meta v1 comp_info bits
 MAX_UNCOMPRESSED_END = 1 << 44  # blob.meta v1 uncomp_info bits / u32 blkaddr
 MAX_XATTR_VALUE = 0xFFFF
 _BLOCK_ID_FIELDS = struct.Struct("<QQQ")
+_CHUNK_INDEX_OF = operator.itemgetter(1)  # ChunkRef.chunk_index, without a Python call per ref
 
 
 @dataclass
@@ -49,7 +51,7 @@ def _encode_name(text: str, what: str) -> bytes:
     return raw
 
 
-def _xattrs(entry: Entry) -> list[tuple[bytes, bytes]]:
+def _xattrs(entry: EntryCore) -> list[tuple[bytes, bytes]]:
     out: list[tuple[bytes, bytes]] = []
     for key, value in entry.xattrs.items():
         name = _encode_name(key, f"xattr name of {entry.name!r}:")
@@ -82,7 +84,7 @@ def _block_id_hasher(blob_id: bytes) -> Callable[[int, int, int], bytes]:
     return block_id
 
 
-def _check_chunking(entry: Entry, chunk_size: int) -> None:
+def _check_chunking(entry: EntryCore, chunk_size: int) -> None:
     chunks = sorted(entry.chunks, key=lambda c: c.chunk_offset)
     for number, chunk in enumerate(chunks):
         if chunk.inner_offset:
@@ -104,69 +106,50 @@ def _check_chunking(entry: Entry, chunk_size: int) -> None:
         )
 
 
-# `_new_node` fills every slot itself: fail loudly at import if tree.Node changes shape.
-if Node.__slots__ != (
-    "name", "mode", "uid", "gid", "mtime", "mtime_nsec", "size", "rdev", "symlink",
-    "xattrs", "chunks", "children", "link", "nid",
-):
-    raise ImportError("tree.Node's slots changed: update stargzfs.rafs.from_toc._new_node")
-_object_new = object.__new__
-
-
-def _new_node(
-    name: bytes, mode: int, uid: int, gid: int, mtime: int, mtime_nsec: int, xattrs: list[tuple[bytes, bytes]],
-    is_dir: bool,
-) -> Node:
-    """Node(...) minus its keyword-argument __init__: a quarter of the cost, per TOC entry."""
-    node = _object_new(Node)
-    node.name, node.mode, node.uid, node.gid = name, mode, uid, gid
-    node.mtime, node.mtime_nsec, node.size, node.rdev = mtime, mtime_nsec, 0, 0
-    node.symlink, node.xattrs, node.chunks = None, xattrs, []
-    node.children = {} if is_dir else None
-    node.link, node.nid = None, 0
-    return node
-
-
-def _data_records(
-    toc: Toc, *, blob_id: bytes, chunk_size: int, blob_index: int
-) -> tuple[list[list[ChunkRef] | None], int]:
-    """Step 1: data records in TOC order, v2.1's virtual uncompressed blob (4 KiB aligned).
+class _DataRecords:
+    """Step 1, one entry at a time in TOC order: data records laid out in v2.1's virtual
+    uncompressed blob (4 KiB aligned), compressed offsets checked to increase.
 
     Chunk indexes are provisional (creation order); `_assign_chunk_indexes` keeps them
-    when every record is referenced exactly once, the usual case.
-    Returns the refs (in file order) of the entry at each position of `toc.entries`, None
-    for entries without data, and the number of refs made.
+    when every record is referenced exactly once, the usual case. Run inside the node loop
+    so that a file's refs exist only once its entry is being turned into a node.
     """
-    block_id = _block_id_hasher(blob_id)
-    make_ref = tuple.__new__  # ChunkRef(...) costs twice as much; fields in ChunkRef order
-    refs_at: list[list[ChunkRef] | None] = [None] * len(toc.entries)
-    next_uoff = 0
-    last_coff = -1
-    last_where = ""
-    created = 0
-    for position, entry in enumerate(toc.entries):
+
+    __slots__ = ("block_id", "chunk_size", "blob_index", "next_uoff", "last_coff", "last_where", "created")
+
+    def __init__(self, blob_id: bytes, chunk_size: int, blob_index: int) -> None:
+        self.block_id = _block_id_hasher(blob_id)
+        self.chunk_size = chunk_size
+        self.blob_index = blob_index
+        self.next_uoff = 0
+        self.last_coff = -1
+        self.last_where = ""
+        self.created = 0  # refs made so far
+
+    def refs(self, entry: EntryCore) -> list[ChunkRef]:
+        """The entry's refs in file order (it has chunks)."""
         chunks = entry.chunks
-        if not chunks:
-            continue
         if len(chunks) == 1:
             chunk = chunks[0]
-            if chunk.inner_offset or chunk.chunk_offset or chunk.size != entry.size or entry.size > chunk_size:
-                _check_chunking(entry, chunk_size)  # raises the precise error
+            if chunk.inner_offset or chunk.chunk_offset or chunk.size != entry.size or entry.size > self.chunk_size:
+                _check_chunking(entry, self.chunk_size)  # raises the precise error
         else:
-            _check_chunking(entry, chunk_size)
+            _check_chunking(entry, self.chunk_size)
             chunks = sorted(chunks, key=lambda c: c.raw_index)
+        make_ref = tuple.__new__  # ChunkRef(...) costs twice as much; fields in ChunkRef order
+        block_id, blob_index = self.block_id, self.blob_index
+        next_uoff, last_coff, created = self.next_uoff, self.last_coff, self.created
         refs: list[ChunkRef] = []
         for chunk in chunks:
             offset = chunk.offset
             if offset <= last_coff:
                 raise UnsupportedError(
                     f"TOC entry {entry.name!r}: compressed offset {offset} is out of order "
-                    f"(not after {last_coff} of {last_where!r})"
+                    f"(not after {last_coff} of {self.last_where!r})"
                 )
             if offset > MAX_COMPRESSED_OFFSET:
                 raise UnsupportedError(f"TOC entry {entry.name!r}: compressed offset {offset} exceeds 2^40")
             last_coff = offset
-            last_where = entry.name
             size = chunk.size
             refs.append(
                 make_ref(ChunkRef, (blob_index, created, next_uoff, size, offset, 0, chunk.chunk_offset,
@@ -176,10 +159,10 @@ def _data_records(
             next_uoff += (size + BLOCK_SIZE - 1) & -BLOCK_SIZE
         if next_uoff > MAX_UNCOMPRESSED_END:
             raise UnsupportedError(f"TOC: uncompressed layer data exceeds 2^44 bytes at {entry.name!r}")
+        self.next_uoff, self.last_coff, self.created, self.last_where = next_uoff, last_coff, created, entry.name
         if len(refs) > 1:
             refs.sort(key=lambda r: r.file_offset)
-        refs_at[position] = refs
-    return refs_at, created
+        return refs
 
 
 def build_tree(
@@ -192,90 +175,144 @@ def build_tree(
     blob_index: int = 0,
     consume_toc: bool = False,
 ) -> TocTree:
-    """`consume_toc=True` empties `toc.entries`/`toc.by_name` while the nodes are made, so
-    entries and tree never both exist in full (the builder's peak RSS); the caller must
-    not use the Toc afterwards."""
-    refs_at, created = _data_records(
-        toc, blob_id=blob_id.encode(), chunk_size=chunk_size, blob_index=blob_index
+    """`consume_toc=True` empties `toc.entries` while the nodes are made, so entries and
+    tree never both exist in full (the builder's peak RSS); the caller must not use the
+    Toc afterwards."""
+    records = _DataRecords(blob_id.encode(), chunk_size, blob_index)
+    if consume_toc:
+        toc.forget_index()
+    nodes = _PathNodes()
+    with_chunks, replaced, hardlinks = _make_nodes(toc.entries, records, nodes, repeatable, consume_toc)
+    with_chunks += _resolve_hardlinks(hardlinks, nodes)
+    root = nodes.root
+    del nodes, hardlinks
+
+    live = [node for node in with_chunks if id(node) not in replaced] if replaced else with_chunks
+    del with_chunks
+    index_records = _assign_chunk_indexes(live, records.created)
+    image = RafsImage(
+        root=root,
+        blobs=_blob_table(blob_id, index_records, chunk_size, compressor),
+        chunk_size=chunk_size,
+        compressor=compressor,
+        digester="sha256",
+        explicit_uid_gid=not repeatable,
     )
+    return TocTree(image, index_records)
 
-    # 2. Nodes in TOC order; later duplicates replace earlier ones and keep their children.
-    root = Node(b"", stat.S_IFDIR | 0o755)
-    nodes: dict[str, Node] = {"": root}
-    hardlinks: dict[int, tuple[Node, str, str]] = {}  # id(node) → (node, own name, target name)
-    with_chunks: list[Node] = []  # regular files that own data records (some replaced later)
-    replaced: set[int] = set()  # id() of nodes in with_chunks that a later duplicate replaced
 
-    def ensure_dir(path: str) -> Node:
-        """The directory at `path`, creating missing ancestors (mode 0755) top-down."""
-        missing: list[str] = []
-        found = nodes.get(path)
-        while found is None:
-            missing.append(path)
-            path = path.rpartition("/")[0]
-            found = nodes.get(path)
-        for name in reversed(missing):
-            if found.children is None:
-                break
-            node = Node(_encode_name(name.rpartition("/")[2], "name"), stat.S_IFDIR | 0o755)
-            found.children[node.name] = node
-            nodes[name] = found = node
-        if found.children is None:
+class _PathNodes:
+    """Path → the node now at that path, for the TOC's own entries and the parents they
+    were looked up through.
+
+    Implicit ancestors are reached through their parents' `children` instead of being
+    registered under their full paths: a name of depth d would otherwise add d path
+    strings of up to its own length, O(d²) bytes for one name (a 60,000-level name in a
+    1 KB gzip TOC took 3.5 GiB).
+    """
+
+    __slots__ = ("root", "by_path")
+
+    def __init__(self) -> None:
+        self.root = Node.directory(b"", stat.S_IFDIR | 0o755)
+        self.by_path: dict[str, Node] = {"": self.root}
+
+    def directory(self, path: str) -> Node:
+        """The directory at `path`, creating missing ones (mode 0755) on the way down."""
+        node = self.by_path.get(path)
+        if node is not None and node.children is not None:
+            return node
+        node = self.root
+        parts = path.split("/")
+        for depth, part in enumerate(parts):
+            children = node.children
+            if children is None:
+                raise FormatError(f"TOC: {'/'.join(parts[:depth])!r} is used as a directory but is not one")
+            raw = _component(part, path)
+            child = children.get(raw)
+            if child is None:
+                child = children[raw] = Node.directory(raw, stat.S_IFDIR | 0o755)
+            node = child
+        if node.children is None:
             raise FormatError(f"TOC: {path!r} is used as a directory but is not one")
-        return found
+        self.by_path[path] = node
+        return node
 
+    def find(self, path: str) -> Node | None:
+        """The node at `path`, if any (no directory is created)."""
+        node = self.by_path.get(path)
+        if node is not None:
+            return node
+        node = self.root
+        for part in path.split("/"):
+            children = node.children
+            child = children.get(part.encode("utf-8", "surrogatepass")) if children is not None else None
+            if child is None:
+                return None
+            node = child
+        return node
+
+
+def _component(base: str, path: str) -> bytes:
+    """One path component as stored: UTF-8, no NUL, at most 255 bytes."""
+    try:
+        raw = base.encode()
+    except UnicodeEncodeError:
+        raw = _encode_name(base, "name")  # raises the precise error
+    if "\0" in base:
+        _encode_name(base, "name")
+    if len(raw) > MAX_NAME_LEN:
+        raise UnsupportedError(f"TOC entry {_shown(path)!r}: file name longer than {MAX_NAME_LEN} bytes")
+    return raw
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 100 else name[:100] + "…"
+
+
+def _make_nodes(
+    entries: list[EntryCore], records: _DataRecords, nodes: _PathNodes, repeatable: bool, consume: bool
+) -> tuple[list[Node], set[int], dict[int, tuple[Node, str, str]]]:
+    """Step 2: one node per entry in TOC order (with step 1 for its data); later duplicates
+    replace earlier ones and keep their children. Returns the regular files owning data
+    records (some replaced later), the id()s of the replaced ones, and the hardlinks
+    (id → node, name, target)."""
+    root = nodes.root
+    by_path = nodes.by_path
+    hardlinks: dict[int, tuple[Node, str, str]] = {}
+    with_chunks: list[Node] = []
+    replaced: set[int] = set()  # id() of nodes in with_chunks that a later duplicate replaced
     type_bits = TYPE_BITS
     hidden = HIDDEN_ROOT_NAMES
-    new_node = _new_node
-    nodes_get = nodes.get
-    entries = toc.entries
-    if consume_toc:
-        toc.by_name.clear()
     for position, entry in enumerate(entries):
-        if consume_toc:
+        if consume:
             entries[position] = None  # type: ignore[call-overload]  # freed once this loop drops it
+        refs = records.refs(entry) if entry.chunks else None  # hidden entries' data counts too (v2.1)
         name = entry.name
         if name in hidden:
             continue
         kind = entry.type
         uid, gid = (0, 0) if repeatable else (entry.uid, entry.gid)
         mode = type_bits[kind] | entry.mode
-        xattrs = _xattrs(entry) if entry.xattrs else []
+        xattrs = _xattrs(entry) if entry.xattrs else NO_XATTRS
         if not name:
             root.mode, root.uid, root.gid = mode, uid, gid
             root.mtime, root.mtime_nsec, root.xattrs = entry.mtime, entry.mtime_nsec, xattrs
             continue
         parent_path, _, base = name.rpartition("/")
-        try:
-            raw_name = base.encode()
-        except UnicodeEncodeError:
-            raw_name = _encode_name(base, "name")  # raises the precise error
-        if "\0" in base:
-            _encode_name(base, "name")
-        if len(raw_name) > MAX_NAME_LEN:
-            raise UnsupportedError(f"TOC entry {name!r}: file name longer than {MAX_NAME_LEN} bytes")
-        parent = nodes_get(parent_path)
+        raw_name = _component(base, name)
+        parent = by_path.get(parent_path)
         if parent is None or parent.children is None:
-            parent = ensure_dir(parent_path)
-        node = new_node(raw_name, mode, uid, gid, entry.mtime, entry.mtime_nsec, xattrs, kind == "dir")
+            parent = nodes.directory(parent_path)
+        node = Node(raw_name, mode, uid, gid, entry.mtime, entry.mtime_nsec, 0, 0, None, xattrs, NO_CHUNKS,
+                    {} if kind == "dir" else None)
         if kind == "reg":
             node.size = entry.size
-            refs = refs_at[position]
             if refs is not None:
-                refs_at[position] = None
                 node.chunks = refs
                 with_chunks.append(node)
-        elif kind == "dir":
-            pass
-        elif kind == "symlink":
-            node.symlink = _encode_name(entry.link_name, "symlink target of " + repr(name))
-            node.size = len(node.symlink)
-        elif kind == "char" or kind == "block":
-            if entry.dev_major > 0xFFF or entry.dev_minor > 0xFFFFF:
-                raise UnsupportedError(f"TOC entry {name!r}: device {entry.dev_major}:{entry.dev_minor} too large")
-            node.rdev = new_encode_dev(entry.dev_major, entry.dev_minor)
-        elif kind == "hardlink":
-            hardlinks[id(node)] = (node, name, entry.link_name)
+        elif kind != "dir":
+            _special_file(node, entry, hardlinks)
         children = parent.children
         existing = children.get(raw_name)
         if existing is not None:
@@ -285,65 +322,77 @@ def build_tree(
             if existing.children and node.children is not None:
                 node.children = existing.children
             elif existing.children:
-                raise FormatError(f"TOC entry {name!r}: a non-directory replaces a non-empty directory")
+                raise FormatError(f"TOC entry {_shown(name)!r}: a non-directory replaces a non-empty directory")
         children[raw_name] = node
-        nodes[name] = node
+        by_path[name] = node
+    return with_chunks, replaced, hardlinks
 
-    # 3. Hardlinks: follow chains to a real inode, then share it (attributes, xattrs, chunks).
+
+def _special_file(node: Node, entry: EntryCore, hardlinks: dict[int, tuple[Node, str, str]]) -> None:
+    """Symlink target, device number, or the hardlink to resolve once every path exists."""
+    kind = entry.type
+    if kind == "symlink":
+        node.symlink = _encode_name(entry.link_name, "symlink target of " + repr(_shown(entry.name)))
+        node.size = len(node.symlink)
+    elif kind == "char" or kind == "block":
+        if entry.dev_major > 0xFFF or entry.dev_minor > 0xFFFFF:
+            raise UnsupportedError(
+                f"TOC entry {_shown(entry.name)!r}: device {entry.dev_major}:{entry.dev_minor} too large"
+            )
+        node.rdev = new_encode_dev(entry.dev_major, entry.dev_minor)
+    elif kind == "hardlink":
+        hardlinks[id(node)] = (node, entry.name, entry.link_name)
+
+
+def _resolve_hardlinks(hardlinks: dict[int, tuple[Node, str, str]], nodes: _PathNodes) -> list[Node]:
+    """Step 3: follow chains to a real inode, then share it (attributes, xattrs, chunks).
+    Returns the hardlink nodes that now own chunk references."""
+    with_chunks: list[Node] = []
     for node, name, target_name in hardlinks.values():
         seen = {name}
-        target = nodes.get(target_name)
+        target = nodes.find(target_name)
         while target is not None and id(target) in hardlinks:
             if target_name in seen:
-                raise FormatError(f"TOC entry {name!r}: hardlink loop through {target_name!r}")
+                raise FormatError(f"TOC entry {_shown(name)!r}: hardlink loop through {_shown(target_name)!r}")
             seen.add(target_name)
             target_name = hardlinks[id(target)][2]
-            target = nodes.get(target_name)
+            target = nodes.find(target_name)
         if target is None:
-            raise FormatError(f"TOC entry {name!r}: hardlink target {target_name!r} does not exist")
+            raise FormatError(f"TOC entry {_shown(name)!r}: hardlink target {_shown(target_name)!r} does not exist")
         if target.children is not None:
-            raise FormatError(f"TOC entry {name!r}: hardlink target {target_name!r} is a directory")
+            raise FormatError(f"TOC entry {_shown(name)!r}: hardlink target {_shown(target_name)!r} is a directory")
         if target.link is None:
             target.link = LinkGroup()
         node.copy_attributes_from(target)
         node.link = target.link
         if node.chunks:
             with_chunks.append(node)
-    del nodes, hardlinks
+    return with_chunks
 
-    live = [node for node in with_chunks if id(node) not in replaced] if replaced else with_chunks
-    del with_chunks
-    index_records = _assign_chunk_indexes(live, created)
-    blobs: list[BlobInfo] = []
-    if index_records:
-        last = index_records[-1]
-        total = len(index_records)
-        header = blob_meta_header_for(total)
-        blobs.append(
-            BlobInfo(
-                blob_id=blob_id,
-                chunk_count=total,
-                chunk_size=chunk_size,
-                compressed_size=0,
-                uncompressed_size=last.uncompressed_offset + last.uncompressed_size,
-                compressor=compressor,
-                digester="sha256",
-                meta_features=header.features,
-                ci_compressor=header.ci_compressor,
-                ci_offset=header.ci_offset,
-                ci_compressed_size=header.ci_compressed_size,
-                ci_uncompressed_size=header.ci_uncompressed_size,
-            )
+
+def _blob_table(blob_id: str, index_records: list[ChunkRef], chunk_size: int, compressor: str) -> list[BlobInfo]:
+    """The layer's one blob, or none when no file has data (v2.1 writes no blob then)."""
+    if not index_records:
+        return []
+    last = index_records[-1]
+    total = len(index_records)
+    header = blob_meta_header_for(total)
+    return [
+        BlobInfo(
+            blob_id=blob_id,
+            chunk_count=total,
+            chunk_size=chunk_size,
+            compressed_size=0,
+            uncompressed_size=last.uncompressed_offset + last.uncompressed_size,
+            compressor=compressor,
+            digester="sha256",
+            meta_features=header.features,
+            ci_compressor=header.ci_compressor,
+            ci_offset=header.ci_offset,
+            ci_compressed_size=header.ci_compressed_size,
+            ci_uncompressed_size=header.ci_uncompressed_size,
         )
-    image = RafsImage(
-        root=root,
-        blobs=blobs,
-        chunk_size=chunk_size,
-        compressor=compressor,
-        digester="sha256",
-        explicit_uid_gid=not repeatable,
-    )
-    return TocTree(image, index_records)
+    ]
 
 
 def _assign_chunk_indexes(files: Iterable[Node], created: int) -> list[ChunkRef]:
@@ -370,7 +419,7 @@ def _assign_chunk_indexes(files: Iterable[Node], created: int) -> list[ChunkRef]
         # every record alive and referenced once: indexes are creation order, which is
         # uncompressed-offset order
         by_index = [ref for refs in lists.values() for ref in refs]
-        by_index.sort(key=lambda ref: ref.chunk_index)
+        by_index.sort(key=_CHUNK_INDEX_OF)
         return by_index
 
     reference_counts: dict[int, int] = {}

@@ -11,6 +11,8 @@ import stat
 from collections import deque
 from dataclasses import dataclass
 
+import msgspec
+
 from stargzfs.errors import UnsupportedError
 from stargzfs.rafs.ondisk import (
     BLOCK_SIZE,
@@ -56,10 +58,10 @@ def dirent_size(names: list[bytes]) -> int:
     return size
 
 
-@dataclass(slots=True)
-class Placement:
+class Placement(msgspec.Struct, gc=False):
     """One inode's place: `addr` (meta-relative, 32-aligned), `data_addr` = start of full
-    dirent/symlink blocks, `inline` = tail stored after the inode."""
+    dirent/symlink blocks, `inline` = tail stored after the inode. A Struct: one per inode,
+    made in C."""
 
     node: Node
     kind: int
@@ -69,14 +71,16 @@ class Placement:
     data_size: int = 0  # d_size for dirs, target length for symlinks
     data_addr: int = 0
     inline: bool = False
-    entries: list[tuple[bytes, Node]] | None = None  # sorted dirents incl. "." and ".."
+    names: list[bytes] | None = None  # a directory's dirent names, sorted, incl. "." and ".."
     parent: Node | None = None
 
 
 @dataclass
 class Layout:
+    """Every inode's place; each node's own inode address is left in `Node.addr` (hardlinks
+    share it), which costs no per-node dict at a million inodes."""
+
     placements: list[Placement]
-    addr_of: dict[int, int]  # id(node) → inode addr (hardlinks share)
     nlink_of_group: dict[int, int]  # id(LinkGroup) → number of paths
     end: int  # first unused meta-relative byte
     inode_count: int  # number of paths (every tree node)
@@ -147,32 +151,56 @@ class _Allocator:
 
 
 def compute_layout(root: Node, *, chunk_size: int, root_ino: int = 1) -> Layout:
-    alloc = _Allocator()
-    placements: list[Placement] = []
-    addr_of: dict[int, int] = {}
-    group_first: dict[int, tuple[int, int]] = {}  # id(group) → (ino, addr)
-    nlink_of_group: dict[int, int] = {}
-    ino_of: dict[int, int] = {id(root): root_ino}
-    next_ino = 1 if root_ino != 1 else 2
-    inode_count = 1
+    layouter = _Layouter(root, chunk_size, root_ino)
     stack: list[tuple[Node, Node]] = [(root, root)]
     while stack:
         directory, parent = stack.pop()
+        subdirs = layouter.place_directory(directory, parent)
+        for sub in reversed(subdirs):
+            stack.append((sub, directory))
+    return Layout(layouter.placements, layouter.nlink_of_group, layouter.alloc.offset, layouter.inode_count)
+
+
+class _Layouter:
+    """The allocator plus what v2.1's depth-first pass carries from one directory to the next."""
+
+    def __init__(self, root: Node, chunk_size: int, root_ino: int) -> None:
+        self.alloc = _Allocator()
+        self.chunk_size = chunk_size
+        self.root_ino = root_ino
+        self.placements: list[Placement] = []
+        self.group_first: dict[int, tuple[int, int]] = {}  # id(group) → (ino, addr)
+        self.nlink_of_group: dict[int, int] = {}
+        self.ino_of: dict[int, int] = {id(root): root_ino}  # directories only
+        self.next_ino = 1 if root_ino != 1 else 2
+        self.inode_count = 1
+
+    def place_directory(self, directory: Node, parent: Node) -> list[Node]:
+        """The directory's inode and dirents, then its non-directory children; returns the
+        child directories, which are placed later (depth first)."""
+        alloc = self.alloc
         children = directory.children or {}
         names = sorted(children)
-        entries = [(b".", directory), (b"..", parent)] + [(name, children[name]) for name in names]
+        dirent_names = [b".", b"..", *names]
         if names and names[0] < b"..":
-            entries.sort(key=lambda item: item[0])
-        d_size = dirent_size([name for name, _ in entries])
+            dirent_names.sort()
+        d_size = dirent_size(dirent_names)
         xsize = xattr_body_size(directory.xattrs)
         addr, data_addr, inline = alloc.place_with_tail(INODE_EXTENDED.size + xsize, d_size)
-        placements.append(
-            Placement(directory, DIR, addr, ino_of[id(directory)], xsize, d_size, data_addr, inline, entries, parent)
+        self.placements.append(
+            Placement(directory, DIR, addr, self.ino_of[id(directory)], xsize, d_size, data_addr, inline,
+                      dirent_names, parent)
         )
-        addr_of[id(directory)] = addr
+        directory.addr = addr
         alloc.align(32)
+        self.inode_count += len(names)
+        return self._place_children(children, names)
+
+    def _place_children(self, children: dict[bytes, Node], names: list[bytes]) -> list[Node]:
+        """The hot loop of a million-entry layer: everything it touches is a local."""
+        alloc, chunk_size, root_ino, next_ino = self.alloc, self.chunk_size, self.root_ino, self.next_ino
+        placements, group_first, nlink_of_group = self.placements, self.group_first, self.nlink_of_group
         subdirs: list[Node] = []
-        inode_count += len(names)
         for name in names:
             child = children[name]
             group = child.link if child.children is None else None
@@ -180,20 +208,20 @@ def compute_layout(root: Node, *, chunk_size: int, root_ino: int = 1) -> Layout:
                 nlink_of_group[id(group)] = nlink_of_group.get(id(group), 0) + 1
                 first = group_first.get(id(group))
                 if first is not None:
-                    ino_of[id(child)], addr_of[id(child)] = first
+                    child.addr = first[1]
                     continue
             if next_ino == root_ino:
                 next_ino += 1
             ino = next_ino
             next_ino += 1
             if child.children is not None:
-                ino_of[id(child)] = ino
+                self.ino_of[id(child)] = ino
                 subdirs.append(child)
                 continue
             xsize = xattr_body_size(child.xattrs) if child.xattrs else 0
             if child.symlink is None:
                 # regular files and devices: inode, 8-aligned chunk indexes, then align to 32;
-                # inline (the hot loop of a million-entry layer); the offset is 32-aligned here
+                # the offset is 32-aligned here
                 count = len(child.chunks)
                 is_reg = (child.mode & _S_IFMT) == _S_IFREG
                 if not count and not xsize and not alloc.mask:
@@ -219,9 +247,8 @@ def compute_layout(root: Node, *, chunk_size: int, root_ino: int = 1) -> Layout:
                 caddr, cdata, cinline = alloc.place_with_tail(INODE_EXTENDED.size + xsize, target_len)
                 placements.append(Placement(child, SYMLINK, caddr, ino, xsize, target_len, cdata, cinline))
                 alloc.align(32)
-            addr_of[id(child)] = caddr
+            child.addr = caddr
             if group is not None:
                 group_first[id(group)] = (ino, caddr)
-        for sub in reversed(subdirs):
-            stack.append((sub, directory))
-    return Layout(placements, addr_of, nlink_of_group, alloc.offset, inode_count)
+        self.next_ino = next_ino
+        return subdirs

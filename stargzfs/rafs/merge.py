@@ -11,6 +11,7 @@ equals a kernel overlayfs of the extracted layers.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from pathlib import Path
 from stargzfs.digest import is_layer_hex
 from stargzfs.errors import FormatError, UnsupportedError, UsageError
 from stargzfs.gcpause import paused_gc
-from stargzfs.rafs.reader import read_bootstrap
-from stargzfs.rafs.tree import BlobInfo, ChunkRef, Node, RafsImage
+from stargzfs.rafs.reader import BlobPositions, read_bootstrap
+from stargzfs.rafs.tree import BlobInfo, Node, RafsImage
 from stargzfs.rafs.writer import write_bootstrap
 
 WHITEOUT_PREFIX = b".wh."
@@ -50,7 +51,7 @@ def source_blob_id(path: Path) -> str:
     return name
 
 
-def read_source(path: Path) -> RafsImage:
+def read_source(path: Path, blob_positions: BlobPositions | None = None) -> RafsImage:
     """Read and parse one bootstrap; errors name the file."""
     try:
         data = Path(path).read_bytes()
@@ -59,7 +60,7 @@ def read_source(path: Path) -> RafsImage:
     if len(data) >= _RAFS_V5_HEAD.size and _RAFS_V5_HEAD.unpack_from(data) == (_RAFS_V5_MAGIC, _RAFS_V5_VERSION):
         raise UnsupportedError(f"bootstrap {str(path)!r} is RAFS v5 (fs version 5); merge needs fs version 6")
     try:
-        return read_bootstrap(data)
+        return read_bootstrap(data, blob_positions=blob_positions)
     except FormatError as exc:
         raise FormatError(f"bootstrap {str(path)!r} is corrupt: {exc}") from None
 
@@ -84,11 +85,10 @@ def _merge(sources: Sequence[Path], parent: Path | None) -> MergeResult:
     position_of: dict[str, int] = {}
     root: Node | None = None
     for path, name_as_blob_id in stack:
-        image = read_source(path)
+        # the source's blobs join the merged table before its tree is read, so its chunk
+        # refs are made with their merged blob indexes
+        image = read_source(path, functools.partial(_merge_blob_table, path, name_as_blob_id, blobs, position_of))
         settings.admit(path, image)
-        mapping = _merge_blob_table(path, image, name_as_blob_id, blobs, position_of)
-        if any(old != new for old, new in enumerate(mapping)):
-            _remap_chunks(image.root, mapping)
         if root is None and name_as_blob_id is None:
             root = image.root  # the parent is an already-merged view: taken as it is
         else:
@@ -167,16 +167,17 @@ class _Settings:
 
 
 def _merge_blob_table(
-    path: Path, image: RafsImage, name_as_blob_id: str | None, blobs: list[BlobInfo], position_of: dict[str, int]
+    path: Path, name_as_blob_id: str | None, blobs: list[BlobInfo], position_of: dict[str, int],
+    source_blobs: list[BlobInfo],
 ) -> list[int]:
     """Append this source's blobs (first-seen order) and return old index → merged index."""
-    if name_as_blob_id is not None and len(image.blobs) > 1:
+    if name_as_blob_id is not None and len(source_blobs) > 1:
         raise UnsupportedError(
-            f"source {str(path)!r} has {len(image.blobs)} blobs; a layer bootstrap has at most one "
+            f"source {str(path)!r} has {len(source_blobs)} blobs; a layer bootstrap has at most one "
             "(pass an already-merged bootstrap as --parent-bootstrap)"
         )
     mapping: list[int] = []
-    for blob in image.blobs:
+    for blob in source_blobs:
         if name_as_blob_id is not None:
             blob.blob_id = name_as_blob_id
         position = position_of.get(blob.blob_id)
@@ -185,24 +186,6 @@ def _merge_blob_table(
             blobs.append(blob)
         mapping.append(position)
     return mapping
-
-
-def _remap_chunks(root: Node, mapping: list[int]) -> None:
-    """Renumber chunk blob indexes; hardlinked paths keep sharing one chunk list."""
-    renumbered: dict[int, list[ChunkRef]] = {}
-    make = tuple.__new__  # ChunkRef(...) / _replace cost 2-3x more; this runs once per chunk
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node.children is not None:
-            stack.extend(node.children.values())
-        elif node.chunks:
-            key = id(node.chunks)
-            new = renumbered.get(key)
-            if new is None:
-                new = [make(ChunkRef, (mapping[chunk[0]],) + chunk[1:]) for chunk in node.chunks]
-                renumbered[key] = new
-            node.chunks = new
 
 
 def _overlay(lower: dict[bytes, Node], upper_dir: Node) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import stat
 import struct
+from collections.abc import Callable
 
 from stargzfs.errors import FormatError
 from stargzfs.rafs.ondisk import (
@@ -31,6 +32,7 @@ from stargzfs.rafs.ondisk import (
     FLAG_DIGESTER_SHA256,
     FLAG_EXPLICIT_UID_GID,
     FLAG_HAS_XATTR,
+    INODE_EXTENDED,
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN,
@@ -45,9 +47,10 @@ from stargzfs.rafs.ondisk import (
     Inode,
     SuperBlock,
 )
-from stargzfs.rafs.tree import BlobInfo, ChunkRef, LinkGroup, Node, RafsImage
+from stargzfs.rafs.tree import NO_CHUNKS, NO_XATTRS, BlobInfo, ChunkRef, LinkGroup, Node, RafsImage
 
 NULL_ADDR = 0xFFFFFFFF
+_S_IFMT, _S_IFREG, _S_IFDIR = 0o170000, stat.S_IFREG, stat.S_IFDIR
 _COMPRESSOR_BY_ALGO = {v: k for k, v in COMPRESSOR_ALGOS.items()}
 _DIGESTER_BY_ALGO = {v: k for k, v in DIGESTER_ALGOS.items()}
 
@@ -110,13 +113,15 @@ class BootstrapReader:
         return [BlobEntry.unpack(self.data, self.ext.blob_table_offset + BLOB_ENTRY.size * i)
                 for i in range(size // BLOB_ENTRY.size)]
 
-    def chunk_records(self) -> list[ChunkRecord]:
+    def chunk_table(self) -> bytes:
+        """The chunk table's bytes, bounds-checked: CHUNK_RECORD.size bytes per record."""
         size = self.ext.chunk_table_size
         if size % CHUNK_RECORD.size:
             raise FormatError(f"chunk table size {size} is not a multiple of {CHUNK_RECORD.size}")
-        self.slice(self.ext.chunk_table_offset, size, "chunk table")
-        base = self.ext.chunk_table_offset
-        return [ChunkRecord(*fields[:9]) for fields in CHUNK_RECORD.iter_unpack(self.data[base:base + size])]
+        return self.slice(self.ext.chunk_table_offset, size, "chunk table")
+
+    def chunk_records(self) -> list[ChunkRecord]:
+        return [ChunkRecord(*fields[:9]) for fields in CHUNK_RECORD.iter_unpack(self.chunk_table())]
 
     # --- inodes ---------------------------------------------------------------------------
     def inode(self, nid: int) -> Inode:
@@ -241,64 +246,26 @@ def chunk_table_map(records: list[ChunkRecord]) -> dict[tuple[int, int, int], Ch
     return {(r.blob_index, r.index, r.uncompressed_offset // BLOCK_SIZE): r for r in records}
 
 
-def read_bootstrap(data: bytes) -> RafsImage:
-    """Whole bootstrap → RafsImage (nids kept in Node.nid); FormatError on any inconsistency."""
+BlobPositions = Callable[[list[BlobInfo]], list[int]]
+
+
+def read_bootstrap(data: bytes, *, blob_positions: BlobPositions | None = None) -> RafsImage:
+    """Whole bootstrap → RafsImage (nids kept in Node.nid); FormatError on any inconsistency.
+
+    `blob_positions` (merge) is called with the blob table before the tree is read and
+    returns each blob's index in the caller's table; chunk refs are made with those indexes,
+    so a merge does not renumber every chunk afterwards.
+    """
     reader = BootstrapReader(data)
     flags = reader.ext.flags
     blobs = [_blob_info(entry) for entry in reader.blob_entries()]
-    table = chunk_table_map(reader.chunk_records())
+    positions = blob_positions(blobs) if blob_positions is not None else None
+    if positions is not None and positions == list(range(len(blobs))):
+        positions = None
     root_inode = reader.inode(reader.sb.root_nid)
     if not stat.S_ISDIR(root_inode.mode):
         raise FormatError(f"root nid {reader.sb.root_nid} is not a directory (mode {root_inode.mode:#o})")
-
-    def make_node(name: bytes, nid: int, inode: Inode) -> Node:
-        node = Node(name, inode.mode, uid=inode.uid, gid=inode.gid, mtime=inode.mtime,
-                    mtime_nsec=inode.mtime_nsec, size=inode.size, xattrs=reader.xattrs(nid, inode))
-        node.nid = nid
-        kind = stat.S_IFMT(inode.mode)
-        if kind == stat.S_IFLNK:
-            node.symlink = reader.inline_data(nid, inode)
-        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
-            node.rdev, node.size = inode.i_u, 0
-        elif kind == stat.S_IFREG:
-            node.chunks = _chunks(reader, table, nid, inode, len(blobs)) if inode.size else []
-        elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
-            node.size = 0
-        elif kind != stat.S_IFDIR:
-            raise FormatError(f"nid {nid}: unknown file type in mode {inode.mode:#o}")
-        return node
-
-    root = make_node(b"", reader.sb.root_nid, root_inode)
-    seen_dirs = {reader.sb.root_nid}
-    first_by_nid: dict[int, Node] = {}
-    stack = [(root, reader.sb.root_nid, root_inode)]
-    while stack:
-        directory, dir_nid, dir_inode = stack.pop()
-        assert directory.children is not None
-        for name, nid, _ftype in reader.dirents(dir_nid, dir_inode):
-            if name in (b".", b".."):
-                continue
-            if b"/" in name or name in directory.children:
-                raise FormatError(f"directory nid {dir_nid}: invalid or duplicate name {name!r}")
-            inode = reader.inode(nid)
-            if stat.S_ISDIR(inode.mode):
-                if nid in seen_dirs:
-                    raise FormatError(f"directory nid {nid} is reachable twice (loop or hardlinked directory)")
-                seen_dirs.add(nid)
-                child = make_node(name, nid, inode)
-                stack.append((child, nid, inode))
-            else:
-                first = first_by_nid.get(nid)
-                if first is None:
-                    child = make_node(name, nid, inode)
-                    first_by_nid[nid] = child
-                else:
-                    if first.link is None:
-                        first.link = LinkGroup()
-                    child = Node(name, first.mode)
-                    child.copy_attributes_from(first)
-                    child.link, child.nid = first.link, nid
-            directory.children[name] = child
+    root = _TreeReader(reader, len(blobs), positions).read(root_inode)
     compressor = flags_compressor(flags)
     digester = flags_digester(flags)
     if compressor is None or digester is None:
@@ -313,6 +280,147 @@ def read_bootstrap(data: bytes) -> RafsImage:
         force_has_xattr=bool(flags & FLAG_HAS_XATTR),
         root_ino=root_inode.ino,
     )
+
+
+class _Slow(Exception):
+    """The fast path met something it does not decode itself: take the checked path."""
+
+
+class _TreeReader:
+    """Walks the directory tree from the root, one Node per path (hardlinks share a
+    LinkGroup). Half of a merge is spent here, so the common node — an extended inode
+    without xattrs — is decoded straight from the bytes: one `unpack_from`, and chunk
+    indexes looked up by their 8 on-disk bytes in a table of ready ChunkRefs (one per
+    chunk-table record, shared by every file that uses it). Anything else, and every
+    error, goes through BootstrapReader's checked accessors (`_checked_node`), so
+    messages stay precise.
+    """
+
+    def __init__(self, reader: BootstrapReader, blob_count: int, positions: list[int] | None) -> None:
+        self.reader = reader
+        data = reader.data
+        self.data = data if type(data) is bytes else bytes(data)  # slices must be hashable keys
+        self.meta_base = reader.meta_base
+        self.blob_count = blob_count
+        self.positions = positions
+        self.refs = _refs_by_index_bytes(reader.chunk_table(), blob_count, positions)
+        self._table: dict[tuple[int, int, int], ChunkRecord] | None = None  # for the checked path only
+
+    def read(self, root_inode: Inode) -> Node:
+        reader = self.reader
+        root_nid = reader.sb.root_nid
+        root = self._checked_node(b"", root_nid, root_inode)
+        seen_dirs = {root_nid}
+        first_by_nid: dict[int, Node] = {}
+        stack = [(root, root_nid, root_inode)]
+        while stack:
+            directory, dir_nid, dir_inode = stack.pop()
+            children = directory.children
+            assert children is not None
+            for name, nid, _ftype in reader.dirents(dir_nid, dir_inode):
+                if name == b"." or name == b"..":
+                    continue
+                if b"/" in name or name in children:
+                    raise FormatError(f"directory nid {dir_nid}: invalid or duplicate name {name!r}")
+                first = first_by_nid.get(nid)
+                if first is not None:
+                    child = _hardlink(name, nid, first)
+                else:
+                    child = self._node(name, nid)
+                    if child.children is not None:
+                        if nid in seen_dirs:
+                            raise FormatError(f"directory nid {nid} is reachable twice (loop or hardlinked directory)")
+                        seen_dirs.add(nid)
+                        stack.append((child, nid, reader.inode(nid)))
+                    else:
+                        first_by_nid[nid] = child
+                children[name] = child
+        return root
+
+    def _node(self, name: bytes, nid: int) -> Node:
+        """The node at `nid`, decoded directly when it is a plain extended inode."""
+        offset = self.meta_base + 32 * nid
+        data = self.data
+        try:
+            if not data[offset] & 1 or data[offset + 2] or data[offset + 3]:  # compact, or i_xattr_icount
+                raise _Slow
+            fmt, _, mode, _, size, i_u, _, uid, gid, mtime, nsec, _, _ = INODE_EXTENDED.unpack_from(data, offset)
+            kind = mode & _S_IFMT
+            if kind == _S_IFREG:
+                chunks = self._chunks(offset, fmt, size, i_u) if size else NO_CHUNKS
+                node = Node(name, mode, uid, gid, mtime, nsec, size, 0, None, NO_XATTRS, chunks, None, None, nid)
+            elif kind == _S_IFDIR:
+                node = Node(name, mode, uid, gid, mtime, nsec, size, 0, None, NO_XATTRS, NO_CHUNKS, {}, None, nid)
+            else:
+                raise _Slow
+        except (_Slow, IndexError, KeyError, struct.error):
+            return self._checked_node(name, nid, self.reader.inode(nid))
+        return node
+
+    def _chunks(self, offset: int, fmt: int, size: int, i_u: int) -> list[ChunkRef]:
+        """A regular file's ChunkRefs; KeyError/_Slow send it to the checked path."""
+        if (fmt >> 1) & 0x7 != LAYOUT_CHUNK_BASED or not i_u & CHUNK_FORMAT_INDEXES:
+            raise _Slow
+        count = -(-size >> (BLOCK_BITS + (i_u & CHUNK_FORMAT_BLKBITS_MASK)))
+        start = (offset + INODE_EXTENDED.size + 7) & -8
+        end = start + CHUNK_INDEX.size * count
+        if end > len(self.data):
+            raise _Slow
+        data, refs = self.data, self.refs
+        return [refs[data[position:position + 8]] for position in range(start, end, 8)]
+
+    def _checked_node(self, name: bytes, nid: int, inode: Inode) -> Node:
+        """Any inode through the bounds-checked accessors: precise FormatErrors."""
+        reader = self.reader
+        node = Node(name, inode.mode, uid=inode.uid, gid=inode.gid, mtime=inode.mtime,
+                    mtime_nsec=inode.mtime_nsec, size=inode.size, xattrs=reader.xattrs(nid, inode), nid=nid)
+        kind = stat.S_IFMT(inode.mode)
+        if kind == stat.S_IFDIR:
+            node.children = {}
+        elif kind == stat.S_IFLNK:
+            node.symlink = reader.inline_data(nid, inode)
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev, node.size = inode.i_u, 0
+        elif kind == stat.S_IFREG:
+            if inode.size:
+                if self._table is None:
+                    self._table = chunk_table_map(reader.chunk_records())
+                node.chunks = _chunks(reader, self._table, nid, inode, self.blob_count)
+                if self.positions is not None:
+                    node.chunks = [ref._replace(blob_index=self.positions[ref.blob_index]) for ref in node.chunks]
+        elif kind in (stat.S_IFIFO, stat.S_IFSOCK):
+            node.size = 0
+        else:
+            raise FormatError(f"nid {nid}: unknown file type in mode {inode.mode:#o}")
+        return node
+
+
+def _hardlink(name: bytes, nid: int, first: Node) -> Node:
+    """Another path of `first`'s inode."""
+    if first.link is None:
+        first.link = LinkGroup()
+    child = Node(name, first.mode, nid=nid, link=first.link)
+    child.copy_attributes_from(first)
+    return child
+
+
+def _refs_by_index_bytes(table: bytes, blob_count: int, positions: list[int] | None) -> dict[bytes, ChunkRef]:
+    """The 8 on-disk bytes of the chunk index that finds each chunk-table record (nydusd's
+    key (blob, chunk index, block address)) → its ChunkRef, whose blob index is taken from
+    `positions` when given. Records no index can name (blob out of range, index beyond 24
+    bits, the null block address) are left out, so their lookups fail into the checked path
+    as before."""
+    refs: dict[bytes, ChunkRef] = {}
+    pack = CHUNK_INDEX.pack
+    reachable = min(blob_count, 0xFF)  # device ids are one byte and start at 1
+    make_ref = tuple.__new__  # ChunkRef(...) costs twice as much; fields in ChunkRef order
+    for block_id, blob_index, _, csize, usize, coff, uoff, foff, index, _ in CHUNK_RECORD.iter_unpack(table):
+        blkaddr = uoff // BLOCK_SIZE
+        if blob_index < reachable and index < 1 << 24 and blkaddr < NULL_ADDR:
+            key = pack(index & 0xFFFF, ((blob_index + 1) & 0xFF) | ((index >> 16) << 8), blkaddr)
+            position = blob_index if positions is None else positions[blob_index]
+            refs[key] = make_ref(ChunkRef, (position, index, uoff, usize, coff, csize, foff, block_id))
+    return refs
 
 
 def _chunks(
