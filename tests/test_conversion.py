@@ -258,10 +258,17 @@ async def test_an_existing_bootstrap_from_another_toc_is_caught_after_a_restart(
     assert caught.value.errno == errno.EIO and f"was built from TOC {sha256(hostile_toc)}" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("case", "entry", "words"),
+    [
+        ("broken hardlink", {"name": "link", "type": "hardlink", "linkName": "missing"}, "does not exist"),
+        ("60,000-level name", {"name": "a/" * 60_000 + "f", "type": "reg"}, "over PATH_MAX"),
+    ],
+)
 async def test_a_malformed_toc_is_eio_remembered_and_never_fetched_again(
-    make_provider, registry: RegistryProcess
+    make_provider, registry: RegistryProcess, case: str, entry: dict, words: str
 ) -> None:
-    blob, _ = crafted_layer(extra_entries=[{"name": "link", "type": "hardlink", "linkName": "missing"}])
+    blob, _ = crafted_layer(extra_entries=[entry])
     digest = upload_blob(registry, "broken/toc", blob)
     root, provider = make_provider({"bad": [ChainLayer(f"{registry.host}/broken/toc:1", digest)]},
                                    retry_backoff=0.01, retry_backoff_max=0.01)
@@ -275,7 +282,7 @@ async def test_a_malformed_toc_is_eio_remembered_and_never_fetched_again(
     assert len(registry.requests_for(digest, since=mark)) == 1
     assert provider.virtual_names(sid) == (digest_hex, layout.IMAGE_BOOT)  # offered: stat says why
     recorded = state.load_state(root.root)["layers"][digest_hex]
-    assert recorded["status"] == "error" and "does not exist" in recorded["error"]
+    assert recorded["status"] == "error" and words in recorded["error"]
     assert os.listdir(root.fs("bad")) == []
 
 

@@ -19,15 +19,23 @@ import time
 from pathlib import Path
 
 import pytest
-
-from stargzfs.rafs.check import check_bootstrap
-from stargzfs.snapshots import layout
 from support.crafted import crafted_layer, sha256
 from support.fault_proxy import SIGNATURE
 from support.images import upload_blob
 from support.registry import RegistryProcess
-from support.snapshot_root import ChainLayer, SnapshotRoot, hex_of, image_chain, image_cli_ok, write_root
+from support.snapshot_root import (
+    ChainLayer,
+    SnapshotRoot,
+    hex_of,
+    image_chain,
+    image_cli_ok,
+    write_root,
+)
 from support.stacks import stacked_image
+from support.storm import stat_storm
+
+from stargzfs.rafs.check import check_bootstrap
+from stargzfs.snapshots import layout
 
 SEED = 20261204
 TEMP = re.compile(r"^\.?(converting|merging)-stargz")
@@ -135,23 +143,8 @@ def test_a_thousand_parallel_stats_over_sixteen_layers_convert_each_once(
     daemon = daemons(root.root, config={"max_builders": 4})
     targets = [daemon.mountpoint / root.sid(f"s{index}") / hex_of(layer.digest) for index, layer in enumerate(layers)]
     mark = registry.mark()
-    results: list[object] = [None] * 1000
-    barrier = threading.Barrier(1001)
-
-    def look(slot: int) -> None:
-        barrier.wait()
-        try:
-            results[slot] = os.stat(targets[slot % 16]).st_size
-        except OSError as exc:
-            results[slot] = exc
-
-    threads = [threading.Thread(target=look, args=(slot,)) for slot in range(1000)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    answered = [os.listdir(daemon.mountpoint) for _ in range(20)]  # the root keeps answering meanwhile
-    for thread in threads:
-        thread.join(timeout=300)
+    with stat_storm(targets, 1000) as results:
+        answered = [os.listdir(daemon.mountpoint) for _ in range(20)]  # the root keeps answering meanwhile
     assert all(isinstance(size, int) and size > 0 for size in results), [r for r in results if not isinstance(r, int)][:3]
     assert all(root.sid("s0") in listing for listing in answered)
     for index, layer in enumerate(layers):

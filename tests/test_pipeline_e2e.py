@@ -15,8 +15,8 @@ from __future__ import annotations
 import errno
 import gzip
 import io
-import os
 import json
+import os
 import re
 import socket
 import stat
@@ -28,12 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from stargzfs.estargz.gzip_codec import encode_footer as encode_gzip_footer
-from stargzfs.snapshots.store import LABEL_NYDUS_META_LAYER
-from support.erofs import erofs_mounted, extract_layer_tar, overlay_mounted, tree_snapshot
-from support.fake_nydus_image import read_journal, running_builds, write_fake_nydus_image
-from support.images import FileSpec, PushedImage, build_image, make_layer_tar, upload_blob
+from support.erofs import (
+    erofs_mounted,
+    extract_layer_tar,
+    overlay_mounted,
+    tree_snapshot,
+)
+from support.fake_nydus_image import (
+    read_journal,
+    running_builds,
+    write_fake_nydus_image,
+)
+from support.images import (
+    FileSpec,
+    PushedImage,
+    build_image,
+    make_layer_tar,
+    upload_blob,
+)
 from support.registry import RegistryProcess
 from support.snapshot_root import (
     IMAGE_BOOT,
@@ -47,7 +59,16 @@ from support.snapshot_root import (
     status,
     write_root,
 )
-from support.stacks import eight_layers, stacked_image, stacked_layers, stacked_overlay_lowers
+from support.stacks import (
+    eight_layers,
+    stacked_image,
+    stacked_layers,
+    stacked_overlay_lowers,
+)
+from support.storm import stat_storm
+
+from stargzfs.estargz.gzip_codec import encode_footer as encode_gzip_footer
+from stargzfs.snapshots.store import LABEL_NYDUS_META_LAYER
 
 
 @dataclass
@@ -252,26 +273,11 @@ def test_parallel_lookups_convert_each_layer_once(world: World, fresh_root, daem
     targets = [mnt / root.sid("eight", i) / digest_hex for i, digest_hex in enumerate(hexes)]
     probe = passthrough_probe(root, mnt, "pt")
     mark = registry.mark()
-    results: list[object] = [None] * 64
-    barrier = threading.Barrier(65)
-
-    def look(slot: int) -> None:
-        barrier.wait()
-        try:
-            results[slot] = os.stat(targets[slot % 8]).st_size
-        except OSError as exc:
-            results[slot] = exc
-
-    threads = [threading.Thread(target=look, args=(slot,)) for slot in range(64)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    _wait_for(lambda: bool(running_builds(journal)), "a builder to start")
-    for number in range(10):  # each a real request, each answered while a builder still runs
-        assert probe(number) == number
-        assert running_builds(journal), f"probe {number} was only answered after the builders finished"
-    for thread in threads:
-        thread.join(timeout=120)
+    with stat_storm(targets, 64, timeout=120) as results:
+        _wait_for(lambda: bool(running_builds(journal)), "a builder to start")
+        for number in range(10):  # each a real request, each answered while a builder still runs
+            assert probe(number) == number
+            assert running_builds(journal), f"probe {number} was only answered after the builders finished"
     assert all(isinstance(size, int) and size > 0 for size in results), results
     for layer in world.eight.layers:
         fetches = registry.requests_for(layer.digest, since=mark)
