@@ -107,6 +107,20 @@ def test_metrics_during_a_mount_match_the_registry_access_log(
         assert row["layer_status"] == "converted" and row["convert_seconds"] > 0
         assert row["toc_bytes"] == toc.stat().st_size
 
+    # lazy blob serving: chunks fetched, then served again from the cache, and every byte counted
+    blob = daemon.mountpoint / ".blobs" / hexes[0]
+    served = len(blob.read_bytes())
+    lazy = scrape(address)
+    fetched = value(lazy, "stargzfs_chunks_fetched_total")
+    assert fetched > 0 and value(lazy, "stargzfs_chunk_bytes_total") == served
+    assert registry_counters(lazy, own.host) == access_log_counters(own)
+    with open(blob, "rb", buffering=0) as handle:
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # past the kernel's page cache
+        assert len(handle.read()) == served
+    again = scrape(address)
+    assert value(again, "stargzfs_chunks_fetched_total") == fetched  # nothing fetched twice
+    assert value(again, "stargzfs_chunk_cache_hits_total") > value(lazy, "stargzfs_chunk_cache_hits_total")
+
 
 def test_crawling_registry_gives_eio_in_time_and_signed_urls_stay_out_of_the_log(
     image: PushedImage, registry: RegistryProcess, fault_proxy_factory: Callable[..., FaultProxy], snapdb,
