@@ -95,6 +95,7 @@ class BlobService:
         table = self.table.cached()
         if table.txid != self._scanned_txid:
             self._scanned_txid = table.txid
+            self._sources = {h: sid for h, sid in self._sources.items() if table.by_id(sid) is not None}
             for snapshot in table.all():
                 candidate = snapshot.candidate
                 if candidate is not None and candidate.layer_hex not in self._sources:
