@@ -325,3 +325,19 @@ async def test_the_builder_runs_under_the_memory_limit(make_provider, registry: 
     assert failed.value.errno == errno.EIO and "out of memory" in str(failed.value)
     roomy_root, roomy = make_provider({"big": chain})
     await roomy.materialize(roomy_root.sid("big"), hex_of(digest))  # the default limit is enough
+
+
+async def test_the_builder_server_is_restarted_when_it_dies(images, make_provider) -> None:
+    """A killed warm builder costs the conversion in flight at most; the next one starts a new server."""
+    chain = image_chain(images["gzip"])[:2]
+    root, provider = make_provider({"gz": chain})
+    server = provider.layers.builder.server
+    assert server is not None
+    await provider.materialize(root.sid("gz", 0), hex_of(chain[0].digest))
+    first = server._process
+    assert first is not None and first.poll() is None
+    first.kill()
+    first.wait()
+    await provider.materialize(root.sid("gz", 1), hex_of(chain[1].digest))
+    assert server._process is not first and server._process.poll() is None
+    assert (root.fs("gz", 1) / hex_of(chain[1].digest)).is_file()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -93,14 +94,15 @@ class ForkServer:
         return await self._status(job_id), bytes(output)
 
     async def _status(self, job_id: int) -> int:
+        connection = self._socket
         while job_id not in self._results:
             async with self._reader:
                 if job_id in self._results:
                     break
-                data = await self._socket.recv(4096)
+                data = await connection.recv(4096) if connection is self._socket else b""
                 if not data:
-                    self._socket = None
-                    raise OSError(32, "the builder fork server stopped")
+                    self._socket = None  # the next job starts a new server
+                    raise OSError(errno.EPIPE, "the builder fork server stopped")
                 answer = json.loads(data)
                 self._results[answer["id"]] = answer["status"]
         return self._results.pop(job_id)
