@@ -256,7 +256,7 @@ def remove_matching(dir_fd: int, matches: Callable[[str], bool]) -> list[str]:
         if info is None:
             continue
         if stat.S_ISDIR(info.st_mode):
-            if not _remove_flat_dir(dir_fd, name):
+            if not remove_flat_dir(dir_fd, name):
                 continue
         else:
             unlink_quietly(dir_fd, name)
@@ -264,7 +264,8 @@ def remove_matching(dir_fd: int, matches: Callable[[str], bool]) -> list[str]:
     return removed
 
 
-def _remove_flat_dir(dir_fd: int, name: str) -> bool:
+def remove_flat_dir(dir_fd: int, name: str) -> bool:
+    """Remove a directory of ours with every non-directory in it; False if that is not possible."""
     try:
         inner = open_dir_beneath(dir_fd, [name])
     except OSError:

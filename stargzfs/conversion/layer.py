@@ -31,7 +31,7 @@ from stargzfs.conversion.gate import ConversionGate
 from stargzfs.errors import NotEstargzError, StargzfsError, UnsupportedError, UsageError
 from stargzfs.estargz.fetch import TocResult, fetch_toc
 from stargzfs.fdpath import NotRegularFile, copy_file_at, is_regular_at, lstat_at, open_dir_beneath, proc_path
-from stargzfs.fdpath import publish, same_contents, sha256_at, unlink_quietly, write_file_at
+from stargzfs.fdpath import publish, remove_flat_dir, same_contents, sha256_at, unlink_quietly, write_file_at
 from stargzfs.registry import CredentialCache, Credentials, RegistryClient, parse_reference
 from stargzfs.snapshots import layout
 from stargzfs.snapshots.store import LayerCandidate
@@ -124,9 +124,10 @@ async def build_layer(job: LayerJob, result: TocResult, *, builder: Builder, bui
         await trio.to_thread.run_sync(publish, fs_fd, temp, layout.bootstrap_name(layer_hex), layout.OUTPUT_MODE)
     finally:
         unlink_quietly(fs_fd, temp)
-        unlink_quietly(meta_dir_fd, meta_name)
         os.close(meta_dir_fd)
-        os.rmdir(meta_dir, dir_fd=meta_fd)
+        # with whatever a killed builder left in it (an atomicio temp): never an error that
+        # would hide the conversion's own outcome; the start-up sweep retries what stays
+        remove_flat_dir(meta_fd, meta_dir)
 
 
 async def _run_create(
