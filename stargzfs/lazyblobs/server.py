@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -33,13 +34,10 @@ from stargzfs.rafs.chunks import PlannedChunk
 log = logging.getLogger(__name__)
 
 
-class RangeReader:
+class RangeReader(Protocol):
     """What the server needs of a blob reader (stargzfs.registry.BlobReader has it)."""
 
-    size: int | None
-
-    async def read_range(self, start: int, end: int, *, up_to_end: bool = False) -> bytes:  # pragma: no cover
-        raise NotImplementedError
+    async def read_range(self, start: int, end: int, *, up_to_end: bool = False) -> bytes: ...
 
 
 @dataclass
