@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,7 +81,7 @@ _TEMP_NAME = re.compile(r"\.(.+)\.tmp-[0-9]+-[0-9a-f]{8}")
 
 def temp_name_for(target_name: str) -> str:
     """The temp name a write of `target_name` goes through (hidden: starts with a dot)."""
-    return f".{target_name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{target_name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def temp_target(name: str) -> str | None:

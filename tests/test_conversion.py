@@ -341,3 +341,24 @@ async def test_the_builder_server_is_restarted_when_it_dies(images, make_provide
     await provider.materialize(root.sid("gz", 1), hex_of(chain[1].digest))
     assert server._process is not first and server._process.poll() is None
     assert (root.fs("gz", 1) / hex_of(chain[1].digest)).is_file()
+
+
+async def test_the_conversion_leaves_the_blob_index_and_keeps_one_already_there(images, make_provider) -> None:
+    """The bundled builder writes lazy serving's index during the conversion (no second
+    builder run at the blob's first open); an index already in the cache dir is never
+    replaced: opening the blob checks it against blob.meta and rebuilds it with its cache."""
+    from stargzfs.rafs import blobindex
+
+    a, b = image_chain(images["gzip"])[:1], image_chain(images["zstd"])[:1]  # base layers hold data
+    root, provider = make_provider({"a": a, "b": b})
+    first, second = hex_of(a[0].digest), hex_of(b[0].digest)
+    cache = root.root / "cache"
+    planted = cache / layout.blob_index_name(second)
+    planted.write_bytes(b"not an index")
+    await provider.materialize(root.sid("a"), first)
+    index = (cache / layout.blob_index_name(first)).read_bytes()
+    meta = (cache / layout.blob_meta_name(first)).read_bytes()
+    assert blobindex.decode(index, meta).chunk_count > 0
+    await provider.materialize(root.sid("b"), second)
+    assert planted.read_bytes() == b"not an index"
+    assert not [name for name in os.listdir(cache) if layout.is_temp_name(name)]

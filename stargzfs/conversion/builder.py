@@ -74,9 +74,11 @@ class Builder:
         return self.flavour == "stargzfs" and failure.status in (MALFORMED_STATUS, UNSUPPORTED_STATUS)
 
     def create_argv(
-        self, *, bootstrap: str, blob_id: str, blob_meta: str, toc: str, codec: Codec, blob_data_size: int
+        self, *, bootstrap: str, blob_id: str, blob_meta: str, toc: str, codec: Codec, blob_data_size: int,
+        blob_index: str | None = None,
     ) -> list[str]:
-        """The seed's exact argv (snapshotter §7), adapted to the builder's CLI generation."""
+        """The seed's exact argv (snapshotter §7), adapted to the builder's CLI generation;
+        `blob_index` only reaches the bundled builder (a stargzfs extension)."""
         argv = [
             *self.command, "create", "--source-type", "stargz_index", "--bootstrap", bootstrap,
             "--blob-id", blob_id, "--repeatable", "--disable-check", "--fs-version", "6",
@@ -86,6 +88,8 @@ class Builder:
             argv += ["--blob-data-size", f"0x{blob_data_size:x}"]
         else:
             argv += ["--blob-meta", blob_meta]
+        if blob_index is not None and self.flavour == "stargzfs":
+            argv += ["--blob-index", blob_index]
         return [*argv, *codec.builder_args(), toc]
 
     def merge_argv(self, *, bootstrap: str, sources: Sequence[str]) -> list[str]:

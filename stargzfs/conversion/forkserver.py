@@ -18,6 +18,7 @@ import array
 import ctypes
 import errno
 import fcntl
+import gc
 import json
 import os
 import select
@@ -41,10 +42,22 @@ class ForkServer:
         self._results: dict[int, int] = {}
         self._next_id = 0
         self._reader: Any = None  # trio.Lock: one task reads the socket at a time
+        self._ready_fd = -1  # read end of the pipe the server closes when it is ready
 
     async def start(self) -> None:
-        """Start the server ahead of the first job (its imports then cost no conversion anything)."""
+        """Start the server ahead of the first job and wait until it has imported the
+        builder (its imports then cost no conversion anything). A server that dies first
+        ends the wait too: the next job starts another and reports what went wrong."""
+        import trio
+
         await self._connection()
+        ready_fd, self._ready_fd = self._ready_fd, -1
+        if ready_fd < 0:
+            return
+        try:
+            await trio.lowlevel.wait_readable(ready_fd)
+        finally:
+            os.close(ready_fd)
 
     async def _connection(self) -> Any:
         import trio
@@ -52,14 +65,23 @@ class ForkServer:
         if self._socket is not None and self._process is not None and self._process.poll() is None:
             return self._socket
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ready_read, ready_write = os.pipe2(os.O_CLOEXEC)
         try:
             # Popen from the trio thread: PDEATHSIG follows the thread that forked (see builder.py)
             self._process = subprocess.Popen(
-                [*self._prefix, sys.executable, "-m", "stargzfs.conversion.forkserver", str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), close_fds=True,
+                [*self._prefix, sys.executable, "-m", "stargzfs.conversion.forkserver", str(theirs.fileno()),
+                 str(ready_write)],
+                stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(), ready_write), close_fds=True,
             )
+        except BaseException:
+            os.close(ready_read)
+            raise
         finally:
             theirs.close()
+            os.close(ready_write)
+        if self._ready_fd >= 0:
+            os.close(self._ready_fd)
+        self._ready_fd = ready_read  # closed by the server once it has imported the builder
         self._socket = trio.socket.from_stdlib_socket(ours)
         self._reader = trio.Lock()
         self._results.clear()
@@ -164,8 +186,13 @@ def _child(connection: socket.socket, wakeup: tuple[int, int], job: dict[str, An
         os._exit(code)
 
 
-def serve(connection: socket.socket) -> None:
+def serve(connection: socket.socket, ready_fd: int = -1) -> None:
     _preload()
+    # Every object so far is shared with each child; the cyclic GC walking them would write
+    # to (and so copy) every page of the server's heap in every child.
+    gc.freeze()
+    if ready_fd >= 0:
+        os.close(ready_fd)  # EOF on the daemon's end: ready
     wakeup_read, wakeup_write = os.pipe()
     os.set_blocking(wakeup_write, False)
     signal.set_wakeup_fd(wakeup_write)
@@ -200,4 +227,4 @@ def serve(connection: socket.socket) -> None:
 
 
 if __name__ == "__main__":
-    serve(socket.socket(fileno=int(sys.argv[1])))
+    serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]) if len(sys.argv) > 2 else -1)

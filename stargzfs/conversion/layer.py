@@ -31,7 +31,7 @@ from stargzfs.conversion.gate import ConversionGate
 from stargzfs.errors import NotEstargzError, StargzfsError, UnsupportedError, UsageError
 from stargzfs.estargz.fetch import TocResult, fetch_toc
 from stargzfs.fdpath import NotRegularFile, copy_file_at, is_regular_at, lstat_at, open_dir_beneath, proc_path
-from stargzfs.fdpath import publish, remove_flat_dir, same_contents, sha256_at, unlink_quietly, write_file_at
+from stargzfs.fdpath import publish, remove_flat_dir, rename_noreplace, same_contents, sha256_at, unlink_quietly, write_file_at
 from stargzfs.registry import CredentialCache, Credentials, RegistryClient, parse_reference
 from stargzfs.snapshots import layout
 from stargzfs.snapshots.store import LayerCandidate
@@ -62,6 +62,7 @@ class LayerJob:
     candidate: LayerCandidate
     fs_fd: int
     blob_meta_fd: int  # cache dir (fusedev) or the fs dir (fscache)
+    index_fd: int = -1  # lazy serving's cache dir, for the bundled builder's blob index (-1: none)
 
 
 @metrics.timed("toc_fetch")
@@ -102,7 +103,7 @@ async def build_layer(job: LayerJob, result: TocResult, *, builder: Builder, bui
         write_file_at, fs_fd, layout.TOC_FILE, result.raw, mode=layout.OUTPUT_MODE,
         temp=layout.convert_temp_name("-file-"),
     ))
-    meta_name = layout.blob_meta_name(layer_hex)
+    meta_name, index_name = layout.blob_meta_name(layer_hex), layout.blob_index_name(layer_hex)
     temp = layout.convert_temp_name()
     meta_dir = layout.convert_temp_name("-meta-")
     os.mkdir(meta_dir, 0o700, dir_fd=meta_fd)
@@ -115,12 +116,20 @@ async def build_layer(job: LayerJob, result: TocResult, *, builder: Builder, bui
             toc=proc_path(fs_fd, layout.TOC_FILE),
             codec=result.codec,
             blob_data_size=result.footer.payload_end,
+            blob_index=proc_path(meta_dir_fd, index_name) if job.index_fd >= 0 else None,
         )
         await _run_create(builder, builder_slots, argv, (fs_fd, meta_dir_fd), job)
         if lstat_at(fs_fd, temp) is None:
             raise ConversionError(f"building bootstrap: {builder.name} wrote no bootstrap")
         if lstat_at(meta_dir_fd, meta_name) is not None:
             await trio.to_thread.run_sync(_publish_blob_meta, meta_dir_fd, meta_fd, meta_name)
+            if job.index_fd >= 0 and lstat_at(meta_dir_fd, index_name) is not None:
+                # never replacing: one there already is checked against blob.meta when the
+                # blob is opened, and one made for another blob.meta takes its cache with it
+                try:
+                    rename_noreplace(meta_dir_fd, index_name, job.index_fd, index_name)
+                except OSError as exc:  # e.g. EXDEV (fscache: fs dir and cache dir apart)
+                    log.debug("layer %s: blob index left to the first open: %s", layer_hex[:12], exc.strerror)
         await trio.to_thread.run_sync(publish, fs_fd, temp, layout.bootstrap_name(layer_hex), layout.OUTPUT_MODE)
     finally:
         unlink_quietly(fs_fd, temp)
@@ -396,7 +405,10 @@ class LayerConverter(Converter):
         layer_hex, snapshot_id = candidate.layer_hex, candidate.snapshot_id
         started = time.monotonic()
         try:
-            job = LayerJob(candidate, fs_fd, self.dirs.blob_meta_dir(fs_fd))
+            # the bundled builder also writes the blob's index for lazy serving (one TOC parse,
+            # no second builder run when `.blobs/<hex>` is first opened)
+            index_fd = self.dirs.cache_fd if self.builder.flavour == "stargzfs" else -1  # -1: none yet
+            job = LayerJob(candidate, fs_fd, self.dirs.blob_meta_dir(fs_fd), index_fd)
             created = await convert_layer(
                 job, client=await self.registry(), credentials=self.credentials, builder=self.builder,
                 builder_slots=self.builder_slots,

@@ -8,11 +8,8 @@ Upstream trusts every offset it reads; here each one is bounds-checked against t
 
 from __future__ import annotations
 
-import gzip
 import io
-import string
 import struct
-import tarfile
 import zlib
 from typing import Any
 
@@ -30,7 +27,7 @@ _GZIP_ID = b"\x1f\x8b\x08"
 _FEXTRA = 0x04
 _HEADER_FLAGS = 0x1E  # FHCRC | FEXTRA | FNAME | FCOMMENT: only FEXTRA fits a fixed-size footer
 _EMPTY_DEFLATE_TAIL = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
-_HEX_DIGITS = frozenset(string.hexdigits.encode())
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 #: compressed bytes handed to zlib per step and most output taken per step
 _INPUT_STEP = 64 * 1024
 _OUTPUT_STEP = 1024 * 1024
@@ -95,6 +92,8 @@ class GzipCodec(Codec):
     # ------------------------------------------------------------------ TOC member
     def read_toc(self, member: memoryview, footer: Footer, max_toc_size: int) -> bytes:
         """The first tar entry of the first gzip member must be stargz.index.json."""
+        import tarfile  # only where a TOC member is read: builders start without it
+
         where = f"TOC gzip member at offset {footer.toc_offset}"
         stream = self.open_stream(member, limit=max_toc_size + _TAR_OVERHEAD)
         try:
@@ -121,6 +120,8 @@ class GzipCodec(Codec):
 
     # ------------------------------------------------------------------ writing
     def compress(self, data: bytes, level: int | None = None) -> bytes:
+        import gzip
+
         return gzip.compress(data, compresslevel=9 if level is None else level, mtime=0)
 
     def encode_toc_and_footer(self, toc_json: bytes, toc_offset: int, *, legacy: bool = False) -> bytes:
@@ -165,6 +166,8 @@ def encode_footer(toc_offset: int, *, legacy: bool = False) -> bytes:
 
 def toc_tar(json_bytes: bytes, name: str = TOC_NAME) -> bytes:
     """The uncompressed TOC member: tar header, JSON, padding, end-of-archive."""
+    import tarfile
+
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         info = tarfile.TarInfo(name)

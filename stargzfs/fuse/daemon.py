@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 FS_NAME = "stargzfs"
 FS_TYPE = f"fuse.{FS_NAME}"
 MAX_WORKER_TASKS = 512  # one per in-flight request; lookups awaiting a conversion hold one
+WARM_UP_TIMEOUT = 10.0  # seconds the mount waits for the provider's warm-up before reporting ready
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -179,10 +180,22 @@ async def _serve_async(ops: PassthroughOperations, on_ready: Callable[[], None] 
 
         await nursery.start(run_work)
         nursery.start_soon(_stop_on_signal, work_scope)
-        if on_ready is not None:
-            on_ready()
+        nursery.start_soon(_ready_when_warm, ops, on_ready)
         await pyfuse3.main(min_tasks=1, max_tasks=MAX_WORKER_TASKS)
         nursery.cancel_scope.cancel()
+
+
+async def _ready_when_warm(ops: PassthroughOperations, on_ready: Callable[[], None] | None) -> None:
+    """"Ready" once the provider's one-time costs are paid (requests are served meanwhile), so
+    the first lookup after `stargzfs mount` returns does not pay them; never held up for long."""
+    warm_up = getattr(ops.provider, "warm_up", None)
+    if warm_up is not None:
+        with trio.move_on_after(WARM_UP_TIMEOUT) as scope:
+            await warm_up()
+        if scope.cancelled_caught:
+            log.warning("still warming up after %.0f s; reporting ready anyway", WARM_UP_TIMEOUT)
+    if on_ready is not None:
+        on_ready()
 
 
 async def _stop_on_signal(work_scope: trio.CancelScope) -> None:

@@ -60,6 +60,13 @@ class ChangeNotifier(Protocol):
         ...
 
 
+class WarmUp(Protocol):
+    """Optional: one-time costs (a builder server's imports, an HTTP client) the daemon lets
+    the provider pay before it reports the mount ready; requests are served meanwhile."""
+
+    async def warm_up(self) -> None: ...
+
+
 class LazyFiles(Protocol):
     """Optional: read-only files whose bytes the provider produces on demand (MNT/<dir>/<name>).
 

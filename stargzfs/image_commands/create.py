@@ -9,6 +9,7 @@ Outputs appear complete or not at all (temp file in the same directory, fsync, r
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from stargzfs.atomicio import write_files_atomically
@@ -27,6 +28,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     parser.add_argument("--fs-version", default="6", help="only 6 is supported")
     parser.add_argument("--chunk-size", default="0x400000", help="hex, power of two, 0x1000..0x1000000")
     parser.add_argument("--blob-meta", help="write the v2.1 blob.meta here (only when the layer has data)")
+    parser.add_argument("--blob-index", help="also write the lazy-serving index of the blob.meta here "
+                        "(what `blob-index` makes; stargzfs extension, only when the layer has data)")
     parser.add_argument("--compressor", default="gzip", choices=COMPRESSORS,
                         help="layer compression (stargzfs extension; zstd for zstd:chunked eStargz)")
     parser.add_argument("source", help="the TOC JSON (stargz.index.json)")
@@ -54,6 +57,8 @@ def _create(args: argparse.Namespace) -> int:
         raise UsageError(f"--source-type {args.source_type!r} is not supported (only stargz_index)")
     if args.fs_version != "6":
         raise UsageError(f"--fs-version {args.fs_version!r} is not supported (only RAFS v6)")
+    if args.blob_index is not None and not args.blob_meta:
+        raise UsageError("--blob-index needs --blob-meta (the index is only valid with that blob.meta)")
     chunk_size = parse_chunk_size(args.chunk_size)
     source = Path(args.source)
     if not source.is_file():
@@ -64,6 +69,7 @@ def _create(args: argparse.Namespace) -> int:
         chunk_size=chunk_size,
         repeatable=args.repeatable,
         compressor=args.compressor,
+        blob_index=args.blob_index is not None,
     )
     if not args.disable_check:
         from stargzfs.rafs.check import check_bootstrap  # not on the --disable-check path (start-up time)
@@ -74,6 +80,10 @@ def _create(args: argparse.Namespace) -> int:
     outputs = []
     if args.blob_meta and result.blob_meta is not None:
         outputs.append((Path(args.blob_meta), result.blob_meta))
+    if args.blob_index and result.blob_index is not None:
+        outputs.append((Path(args.blob_index), result.blob_index))
+    elif args.blob_index and result.blob_index_problem is not None:
+        print(f"stargzfs-image: warning: no blob index written: {result.blob_index_problem}", file=sys.stderr)
     outputs.append((Path(args.bootstrap), result.bootstrap))
     write_files_atomically(outputs)
     return 0

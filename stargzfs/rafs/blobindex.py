@@ -3,8 +3,10 @@
 For every blob.meta entry: the sha256 its uncompressed bytes must have (the TOC's
 `chunkDigest`, or the file digest of a file that is one chunk), and whether it belongs to a
 file before `.prefetch.landmark` (estargz.md §A5). The TOC is untrusted input, so it is
-parsed by `stargzfs-image blob-index` in a capped subprocess, once per blob; the mount then
-reads only this fixed-layout file, which also names the blob.meta it was made for.
+parsed in a capped builder process: by `stargzfs-image create --blob-index` during the
+layer's conversion (same parse as the bootstrap), else by `stargzfs-image blob-index` when
+the blob is first opened. The mount then reads only this fixed-layout file, which also
+names the blob.meta it was made for.
 
 `[header 64 B][32-byte digest × n (zeros: none known)][prefetch bitmap, ceil(n / 8) B]`
 """
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stargzfs.errors import FormatError, UnsupportedError
 from stargzfs.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Chunk, Toc
-from stargzfs.rafs.blobmeta import decode_blob_meta
+from stargzfs.rafs.blobmeta import ChunkLocation, decode_blob_meta
 
 MAGIC = b"SGZIDX01"
 _HEADER = struct.Struct("<8sII32s16x")  # magic, chunk count, flags, sha256 of the blob.meta
@@ -66,14 +69,19 @@ def decode(data: bytes, blob_meta: bytes) -> BlobIndex:
     return BlobIndex(meta_sha, digests, data[digests_end:], flags)
 
 
-def build(toc: Toc, blob_meta: bytes) -> BlobIndex:
-    """Match TOC chunks to blob.meta entries by compressed offset (both name the member).
+@dataclass(frozen=True)
+class TocChunks:
+    """What an index needs from a TOC, taken before the TOC model is consumed (a builder
+    frees entries while it makes nodes): each compressed member's first chunk with its raw
+    sha256, which members start before `.prefetch.landmark`, and the landmark flags."""
 
-    A blob.meta entry no TOC chunk starts at, or one of another size, is a FormatError; an
-    innerOffset chunk (several files in one member) an UnsupportedError: blob.meta cannot
-    describe it.
-    """
-    _, chunks = decode_blob_meta(blob_meta)
+    by_offset: dict[int, tuple[Chunk, bytes | None]]
+    prefetch_offsets: set[int]
+    flags: int
+
+
+def toc_chunks(toc: Toc) -> TocChunks:
+    """A FormatError for a digest that is not sha256:<64 hex>."""
     by_offset: dict[int, tuple[Chunk, bytes | None]] = {}
     prefetch_offsets: set[int] = set()
     flags = 0
@@ -87,12 +95,31 @@ def build(toc: Toc, blob_meta: bytes) -> BlobIndex:
         for chunk in entry.chunks:
             digest = chunk.digest
             if digest is None and len(entry.chunks) == 1 and chunk.size == entry.size:
-                digest = entry.digest  # old stargz: no chunkDigest, but the file is one chunk
+                digest = entry.digest  # type: ignore[attr-defined]  # old stargz: the file is one chunk
             by_offset.setdefault(chunk.offset, (chunk, _raw_sha256(digest, chunk.offset)))
             if before_landmark:
                 prefetch_offsets.add(chunk.offset)
     if not flags & FLAG_PREFETCH_LANDMARK:
         prefetch_offsets.clear()  # without the landmark nothing is prioritised
+    return TocChunks(by_offset, prefetch_offsets, flags)
+
+
+def build(toc: Toc, blob_meta: bytes) -> BlobIndex:
+    """Match TOC chunks to blob.meta entries by compressed offset (both name the member).
+
+    A blob.meta entry no TOC chunk starts at, or one of another size, is a FormatError; an
+    innerOffset chunk (several files in one member) an UnsupportedError: blob.meta cannot
+    describe it.
+    """
+    return match(toc_chunks(toc), blob_meta)
+
+
+def match(facts: TocChunks, blob_meta: bytes, chunks: Sequence[ChunkLocation] | None = None) -> BlobIndex:
+    """The index of `blob_meta` from its TOC's chunks (see build). `chunks`: blob.meta's
+    entries when the caller has them already (the builder that just encoded them)."""
+    if chunks is None:
+        _, chunks = decode_blob_meta(blob_meta)
+    by_offset, prefetch_offsets = facts.by_offset, facts.prefetch_offsets
     digests: list[bytes | None] = []
     prefetch = bytearray((len(chunks) + 7) // 8)
     for index, chunk in enumerate(chunks):
@@ -112,9 +139,9 @@ def build(toc: Toc, blob_meta: bytes) -> BlobIndex:
                 f"the TOC says {toc_chunk.size}"
             )
         digests.append(digest)
-        if chunk.compressed_offset in prefetch_offsets:
+        if coff in prefetch_offsets:
             prefetch[index >> 3] |= 1 << (7 - (index & 7))
-    return BlobIndex(hashlib.sha256(blob_meta).digest(), digests, bytes(prefetch), flags)
+    return BlobIndex(hashlib.sha256(blob_meta).digest(), digests, bytes(prefetch), facts.flags)
 
 
 def _raw_sha256(digest: str | None, offset: int) -> bytes | None:

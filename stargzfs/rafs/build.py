@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stargzfs.digest import is_layer_hex
-from stargzfs.errors import UsageError
+from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.estargz.codecs import CODEC_NAMES
 from stargzfs.estargz.toc import Toc, parse_toc
 from stargzfs.gcpause import paused_gc
+from stargzfs.rafs import blobindex
 from stargzfs.rafs.blobmeta import encode_blob_meta
 from stargzfs.rafs.from_toc import TocTree, build_tree
 from stargzfs.rafs.tree import RafsImage
@@ -27,6 +28,8 @@ class BuildResult:
     blob_meta: bytes | None  # None when the layer has no data chunk (v2.1 writes no file then)
     image: RafsImage
     chunk_count: int
+    blob_index: bytes | None = None  # stargzfs.rafs.blobindex, when asked for and there is data
+    blob_index_problem: str | None = None  # why none was made although asked for
 
 
 def validate_chunk_size(chunk_size: int) -> None:
@@ -68,10 +71,15 @@ def build_bootstrap_from_toc_file(
     chunk_size: int = 0x400000,
     repeatable: bool = True,
     compressor: str = "gzip",
+    blob_index: bool = False,
 ) -> BuildResult:
     """`build_bootstrap(parse_toc(path.read_bytes()))`, except that the TOC bytes and model
     are freed before the bootstrap is serialised, which sets `stargzfs-image create`'s peak
     RSS (a caller holding the Toc would keep ~2/3 of that peak alive).
+
+    `blob_index=True` also makes the lazy-serving index of the blob.meta (blobindex.build)
+    from the same parse: the digests it needs are decoded too, and taken out before the
+    tree consumes the entries.
 
     UsageError when the file cannot be read; otherwise as build_bootstrap.
     """
@@ -80,16 +88,34 @@ def build_bootstrap_from_toc_file(
         raw = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read TOC {str(path)!r}: {exc.strerror}") from None
-    toc = parse_toc(raw, digests=False)  # the bootstrap needs no digest strings
+    toc = parse_toc(raw, digests=blob_index)  # the bootstrap needs no digest strings
     del raw
     toc.raw = b""  # only `stargz.index.json` writers need the bytes; this Toc is ours alone
     with paused_gc():
+        chunks, index_problem = _index_chunks(toc) if blob_index else (None, None)
         tree = build_tree(
             toc, blob_id=blob_id, chunk_size=chunk_size, repeatable=repeatable, compressor=compressor,
             consume_toc=True,
         )
         del toc
-        return _finish(tree)
+        result = _finish(tree)
+        if chunks is not None and result.blob_meta is not None:
+            try:
+                result.blob_index = blobindex.match(chunks, result.blob_meta, tree.index_records).encode()
+            except StargzfsError as exc:
+                index_problem = str(exc)
+        result.blob_index_problem = index_problem
+        return result
+
+
+def _index_chunks(toc: Toc) -> tuple[blobindex.TocChunks | None, str | None]:
+    """What the index needs, or why there is none: a TOC the bootstrap can be built from
+    but lazy serving cannot use (say, a digest that is not sha256) still gets its bootstrap,
+    as it did before the index was made here."""
+    try:
+        return blobindex.toc_chunks(toc), None
+    except StargzfsError as exc:
+        return None, str(exc)
 
 
 def _finish(tree: TocTree) -> BuildResult:

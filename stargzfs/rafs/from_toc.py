@@ -421,6 +421,19 @@ def _assign_chunk_indexes(files: Iterable[Node], created: int) -> list[ChunkRef]
         by_index = [ref for refs in lists.values() for ref in refs]
         by_index.sort(key=_CHUNK_INDEX_OF)
         return by_index
+    if total == distinct:
+        # referenced once each, but some records belong to no path (a hidden entry's data,
+        # as ctr-remote's landmark file has, or a replaced duplicate): the index is the
+        # record's rank in creation (= uncompressed-offset) order
+        by_index = [ref for refs in lists.values() for ref in refs]
+        by_index.sort(key=_CHUNK_INDEX_OF)
+        rank = {ref.chunk_index: index for index, ref in enumerate(by_index)}
+        make_ref = tuple.__new__
+        for refs in lists.values():
+            refs[:] = [make_ref(ChunkRef, (ref[0], rank[ref[1]], *ref[2:])) for ref in refs]
+        by_index = [ref for refs in lists.values() for ref in refs]
+        by_index.sort(key=_CHUNK_INDEX_OF)
+        return by_index
 
     reference_counts: dict[int, int] = {}
     for key, refs in lists.items():
