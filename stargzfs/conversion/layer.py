@@ -128,7 +128,7 @@ async def build_layer(job: LayerJob, result: TocResult, *, builder: Builder, bui
                 # blob is opened, and one made for another blob.meta takes its cache with it
                 try:
                     rename_noreplace(meta_dir_fd, index_name, job.index_fd, index_name)
-                except OSError as exc:  # e.g. EXDEV (fscache: fs dir and cache dir apart)
+                except OSError as exc:  # the index is an optimisation: the first open makes one
                     log.debug("layer %s: blob index left to the first open: %s", layer_hex[:12], exc.strerror)
         await trio.to_thread.run_sync(publish, fs_fd, temp, layout.bootstrap_name(layer_hex), layout.OUTPUT_MODE)
     finally:
@@ -406,8 +406,10 @@ class LayerConverter(Converter):
         started = time.monotonic()
         try:
             # the bundled builder also writes the blob's index for lazy serving (one TOC parse,
-            # no second builder run when `.blobs/<hex>` is first opened)
-            index_fd = self.dirs.cache_fd if self.builder.flavour == "stargzfs" else -1  # -1: none yet
+            # no second builder run when `.blobs/<hex>` is first opened); with fscache the
+            # conversion leaves the cache dir (nydusd's) alone, and the first open makes it
+            fusedev_bundled = self.builder.flavour == "stargzfs" and not self.dirs.fscache
+            index_fd = self.dirs.cache_fd if fusedev_bundled else -1
             job = LayerJob(candidate, fs_fd, self.dirs.blob_meta_dir(fs_fd), index_fd)
             created = await convert_layer(
                 job, client=await self.registry(), credentials=self.credentials, builder=self.builder,
