@@ -300,3 +300,27 @@ def test_cli_accepts_only_nydus_defaults_for_prefetch(tmp_path: Path, capsys: py
     assert exited.value.code == UsageError.exit_code and "invalid choice" in capsys.readouterr().err
     assert run_cli("merge", "--bootstrap", tmp_path / "out", "--prefetch-policy", "none", layer) == 0
     assert check_bootstrap((tmp_path / "out").read_bytes()).ok
+
+
+def test_a_block_id_in_two_blobs_keeps_a_chunk_table_record_per_blob() -> None:
+    """Builders that hash content give two layers' equal chunks one block id: the chunk table
+    keys records by (block id, blob), sorted so, and both records must stay."""
+    import stat as stat_module
+
+    from stargzfs.rafs.reader import BootstrapReader, read_bootstrap
+    from stargzfs.rafs.tree import BlobInfo, ChunkRef, Node, RafsImage
+    from stargzfs.rafs.writer import write_bootstrap
+
+    shared, other = b"\x22" * 32, b"\x11" * 32
+    root = Node.directory(b"", stat_module.S_IFDIR | 0o755)
+    specs = [(b"a", ChunkRef(0, 0, 0, 100, 10, 0, 0, shared)), (b"b", ChunkRef(1, 0, 0, 100, 10, 0, 0, shared)),
+             (b"c", ChunkRef(1, 1, 4096, 50, 200, 0, 0, other))]
+    for name, ref in specs:
+        root.children[name] = Node(name, stat_module.S_IFREG | 0o644, size=ref.uncompressed_size, chunks=[ref])
+    blobs = [BlobInfo("a" * 64, 1, 0x400000), BlobInfo("b" * 64, 2, 0x400000)]
+    data = bytes(write_bootstrap(RafsImage(root=root, blobs=blobs)))
+    records = BootstrapReader(data).chunk_records()
+    assert [(r.block_id, r.blob_index) for r in records] == [(other, 1), (shared, 0), (shared, 1)]
+    files = read_bootstrap(data).root.children
+    assert [(files[n].chunks[0].blob_index, files[n].chunks[0].block_id) for n in (b"a", b"b", b"c")] == [
+        (0, shared), (1, shared), (1, other)]

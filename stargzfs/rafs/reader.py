@@ -199,7 +199,7 @@ class BootstrapReader:
             if first_nameoff < DIRENT.size or first_nameoff % DIRENT.size or first_nameoff > len(block):
                 raise FormatError(f"directory nid {nid}: bad first nameoff {first_nameoff} in block at {block_start}")
             count = first_nameoff // DIRENT.size
-            entries = [DIRENT.unpack_from(block, DIRENT.size * i) for i in range(count)]
+            entries = list(DIRENT.iter_unpack(block[:first_nameoff]))
             for i, (child, nameoff, ftype, _) in enumerate(entries):
                 end = entries[i + 1][1] if i + 1 < count else len(block)
                 if not first_nameoff <= nameoff <= end <= len(block):
@@ -367,6 +367,8 @@ class _TreeReader:
         if end > len(self.data):
             raise _Slow
         data, refs = self.data, self.refs
+        if count == 1:  # most files: one chunk
+            return [refs[data[start:end]]]
         return [refs[data[position:position + 8]] for position in range(start, end, 8)]
 
     def _checked_node(self, name: bytes, nid: int, inode: Inode) -> Node:

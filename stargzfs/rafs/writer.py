@@ -143,14 +143,30 @@ def _chunk_records(layout: Layout, blob_count: int) -> dict[bytes, ChunkRef]:
     one blob the block id alone is that key (and needs no new bytes per chunk).
     """
     records: dict[bytes, ChunkRef] = {}
-    for placement in layout.placements:
-        if placement.kind == FILE:
-            if blob_count <= 1:
-                for ref in placement.node.chunks:
-                    records[ref.block_id] = ref
-            else:
-                for ref in placement.node.chunks:
-                    records[ref.block_id + ref.blob_index.to_bytes(4, "big")] = ref
+    files = [placement.node.chunks for placement in layout.placements if placement.kind == FILE]
+    if blob_count > 1:
+        # Block ids of different blobs differ unless two blobs share a chunk (builders
+        # hashing content): then, and only then, the key needs the blob index too.
+        get = records.get
+        for chunks in files:
+            for ref in chunks:
+                block_id = ref[7]  # ChunkRef.block_id
+                seen = get(block_id)
+                if seen is not None and seen[0] != ref[0]:  # the same block id in two blobs
+                    return _chunk_records_by_blob(files)
+                records[block_id] = ref
+        return records
+    for chunks in files:
+        for ref in chunks:
+            records[ref.block_id] = ref
+    return records
+
+
+def _chunk_records_by_blob(files: list[list[ChunkRef]]) -> dict[bytes, ChunkRef]:
+    records: dict[bytes, ChunkRef] = {}
+    for chunks in files:
+        for ref in chunks:
+            records[ref.block_id + ref.blob_index.to_bytes(4, "big")] = ref
     return records
 
 
