@@ -68,7 +68,7 @@ class BlobService:
         self.registry = registry
         self.credentials = credentials
         self.settings = settings
-        self._sizes: dict[str, int] = {}  # hex -> bytes of its lazy file
+        self._sizes: dict[str, int | None] = {}  # hex -> bytes of its lazy file (None: no data)
         self._sources: dict[str, str] = {}  # hex -> snapshot id whose fs dir has its bootstrap
         self._scanned_txid = -1
         self._blobs: dict[str, LazyBlob] = {}
@@ -96,6 +96,7 @@ class BlobService:
         if table.txid != self._scanned_txid:
             self._scanned_txid = table.txid
             self._sources = {h: sid for h, sid in self._sources.items() if table.by_id(sid) is not None}
+            self._sizes = {h: size for h, size in self._sizes.items() if size is not None}  # looked at again
             for snapshot in table.all():
                 candidate = snapshot.candidate
                 if candidate is not None and candidate.layer_hex not in self._sources:
@@ -103,11 +104,13 @@ class BlobService:
                         self.note(candidate)
         for layer_hex in list(self._sources):
             if layer_hex not in self._sizes:
-                size = self._size(layer_hex)
-                if size is None:
-                    continue
-                self._sizes[layer_hex] = size
-        return {layer_hex: size for layer_hex, size in self._sizes.items() if layer_hex in self._sources}
+                # a layer with a bootstrap but no blob.meta has no data (blob.meta is published
+                # before the bootstrap): remembered until the snapshot table changes, not read
+                # again on every lookup
+                self._sizes[layer_hex] = self._size(layer_hex)
+        return {
+            layer_hex: size for layer_hex, size in self._sizes.items() if size is not None and layer_hex in self._sources
+        }
 
     def _has_bootstrap(self, candidate: LayerCandidate) -> bool:
         try:

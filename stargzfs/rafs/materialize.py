@@ -12,26 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from stargzfs.atomicio import atomic_output
 from stargzfs.errors import FormatError, UnsupportedError
 from stargzfs.estargz.codec import Codec
 from stargzfs.estargz.codecs import CODEC_NAMES, codec_for_data, codec_named
+from stargzfs.estargz.fetch import RangeReader  # registry BlobReader, FileRangeReader
 from stargzfs.estargz.toc import Toc
 from stargzfs.rafs import blobindex, chunks as chunk_plan
 from stargzfs.rafs.blobmeta import decode_blob_meta
 
 COMPRESSIONS = CODEC_NAMES
 Progress = Callable[[int, int], None]  # (bytes fetched so far, bytes to fetch in all)
-
-
-class RangeReader(Protocol):
-    """What stargzfs.registry's BlobReader and stargzfs.estargz.fetch.FileRangeReader offer."""
-
-    async def read_tail(self, length: int) -> tuple[bytes, int]: ...
-
-    async def read_range(self, start: int, end: int) -> bytes: ...
 
 
 @dataclass(frozen=True)
