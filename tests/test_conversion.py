@@ -8,6 +8,7 @@ so the glue's decisions (single flight, copies, refusals, backoff, state) run in
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -362,3 +363,24 @@ async def test_the_conversion_leaves_the_blob_index_and_keeps_one_already_there(
     await provider.materialize(root.sid("b"), second)
     assert planted.read_bytes() == b"not an index"
     assert not [name for name in os.listdir(cache) if layout.is_temp_name(name)]
+
+
+async def test_warm_up_returns_once_the_builder_server_has_imported_the_builder(
+    images, make_provider, tmp_path: Path
+) -> None:
+    """`stargzfs mount` reports ready after the provider's warm_up: by then the fork server
+    has finished its imports (it signals that; a start-up delay before its interpreter even
+    starts is waited for too) and the registry client is open."""
+    from stargzfs.conversion.forkserver import ForkServer
+
+    root, provider = make_provider({"gz": image_chain(images["gzip"])[:1]})
+    mark = tmp_path / "server-started"
+    server = ForkServer(["sh", "-c", f'sleep 0.3; : > {mark}; exec "$@"', "sh"])
+    provider.layers.builder = dataclasses.replace(provider.layers.builder, server=server)
+    await provider.warm_up()
+    assert mark.exists() and server._process is not None and server._process.poll() is None
+    assert provider._client is not None
+    code, output = await server.run(["--version"], [], memory_limit=0, cpu_limit=0)
+    assert code == 0 and b"stargzfs-image" in output
+    server._process.kill()
+    server._process.wait()
