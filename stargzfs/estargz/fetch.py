@@ -64,10 +64,13 @@ class FileRangeReader:
         self.bytes_read += len(data)
         return data, size
 
-    async def read_range(self, start: int, end: int) -> bytes:
+    async def read_range(self, start: int, end: int, *, up_to_end: bool = False) -> bytes:
+        """`up_to_end`: an `end` past the blob reads to its end (the registry reader's rule)."""
         self.requests += 1
         with self.path.open("rb") as blob:
             size = blob.seek(0, io.SEEK_END)
+            if up_to_end:
+                end = min(end, size)
             if not 0 <= start <= end <= size:
                 raise FormatError(f"{self.path}: range [{start}, {end}) is outside the {size}-byte blob")
             blob.seek(start)

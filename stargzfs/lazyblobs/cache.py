@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Sequence
 
 from stargzfs.errors import FormatError
@@ -51,6 +52,7 @@ class BlobCache:
             os.close(self._data_fd)
             raise
         self.present_count = chunkmap.count(self.present, chunk_count)
+        self._marking = threading.Lock()
 
     def close(self) -> None:
         for fd in (self._data_fd, self._map_fd):
@@ -69,29 +71,39 @@ class BlobCache:
         written = 0
         marked: list[int] = []
         for indexes, offset, data in pieces:
-            view = memoryview(data)
-            at = offset
-            while view:
-                done = os.pwrite(self._data_fd, view, at)
-                view, at = view[done:], at + done
-            written += len(data)
+            written += self.write(offset, data)
             marked += indexes
-        if not marked:
-            return 0
-        os.fdatasync(self._data_fd)  # the bytes are durable before any bit says so
-        touched: dict[int, int] = {}
-        for index in marked:
-            position, mask = chunkmap.bit(index)
-            byte = position - chunkmap.HEADER_SIZE
-            if not self.present[byte] & mask:
-                self.present[byte] |= mask
-                self.present_count += 1
-            touched[position] = self.present[byte]
-        for position, value in sorted(touched.items()):
-            os.pwrite(self._map_fd, bytes([value]), position)
-        if self.present_count == self.chunk_count:
-            os.pwrite(self._map_fd, chunkmap.all_ready_header(), 0)
+        self.commit(marked)
         return written
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Put one chunk's bytes in place, not yet durable nor marked: `read` sees them
+        at once (page cache); only `commit` makes them count after a crash. Blocking."""
+        view = memoryview(data)
+        at = offset
+        while view:
+            done = os.pwrite(self._data_fd, view, at)
+            view, at = view[done:], at + done
+        return len(data)
+
+    def commit(self, marked: Sequence[int]) -> None:
+        """Make everything written so far durable, then set the bits of `marked`. Blocking."""
+        if not marked:
+            return
+        os.fdatasync(self._data_fd)  # the bytes are durable before any bit says so
+        with self._marking:  # fetches commit from several worker threads; a bit must not be lost
+            touched: dict[int, int] = {}
+            for index in marked:
+                position, mask = chunkmap.bit(index)
+                byte = position - chunkmap.HEADER_SIZE
+                if not self.present[byte] & mask:
+                    self.present[byte] |= mask
+                    self.present_count += 1
+                touched[position] = self.present[byte]
+            for position, value in sorted(touched.items()):
+                os.pwrite(self._map_fd, bytes([value]), position)
+            if self.present_count == self.chunk_count:
+                os.pwrite(self._map_fd, chunkmap.all_ready_header(), 0)
 
 
 def _open_or_create(dir_fd: int, name: str, initialise: Callable[[int], object], size: int) -> tuple[int, bool]:

@@ -46,6 +46,7 @@ class FetchStats:
     bytes_fetched: int = 0
     chunks_fetched: int = 0
     reads_from_cache: int = 0  # reads answered without waiting for a fetch
+    early_answers: int = 0  # runs whose waiting reads went on before the readahead was decoded
     seconds: float = 0.0
 
 
@@ -60,6 +61,7 @@ class FetchPolicy:
     readahead_min: int = 128 << 10  # compressed bytes fetched past what a random read needs
     readahead: int = 4 << 20  # the most past a read, reached by doubling while reads are sequential
     max_span: int = 8 << 20  # compressed bytes of one ranged GET (unless one chunk needs more)
+    early_answer: int = 256 << 10  # compressed bytes left in a run that make a waiting read go first
 
 
 class LazyBlob:
@@ -213,14 +215,17 @@ class LazyBlob:
         return self._reader
 
     async def _fetch(self, start: int, end: int, group: list[PlannedChunk], flights: dict[int, _Flight]) -> None:
+        """One ranged GET for a run of chunks, decoded, checked, stored and committed in a
+        worker thread. A read waiting for a chunk near the start of a long run is answered
+        once that chunk is committed, not after the readahead behind it is decoded too."""
         started = time.monotonic()
         error: str | None = None
         try:
             async with self._slots:
                 data = await self._read_range(start, end)
-            stored = await trio.to_thread.run_sync(self._decode_and_store, start, data, group)
-            self.stats.requests += 1
+            self.stats.requests += 1  # counted on arrival: a read answered early records them
             self.stats.bytes_fetched += len(data)
+            stored = await trio.to_thread.run_sync(self._decode_and_write, start, data, group, flights)
             self.stats.chunks_fetched += len(group)
             metrics.CHUNKS_FETCHED.inc(len(group))
             log.debug(
@@ -236,27 +241,57 @@ class LazyBlob:
             self.stats.seconds += time.monotonic() - started
             for chunk in group:
                 flight = flights[chunk.compressed_offset]
-                flight.error = error
-                del self._flights[chunk.compressed_offset]
-                flight.done.set()
+                if not flight.done.is_set():
+                    # a chunk committed before a later one failed is good
+                    self._finish(chunk, flight, None if self._present(chunk) else error or "not fetched")
         if error is not None:
             log.error("blob %s: fetching [%d, %d): %s", self.blob_id[:12], start, end, error)
+
+    def _answer_early(self, chunks: list[PlannedChunk], flights: dict[int, _Flight]) -> None:
+        """Committed already: the reads waiting for them go on while the run is finished."""
+        self.stats.early_answers += 1
+        for chunk in chunks:
+            self._finish(chunk, flights[chunk.compressed_offset], None)
+
+    def _finish(self, chunk: PlannedChunk, flight: _Flight, error: str | None) -> None:
+        """The chunk's fetch is over, for the reads waiting on it (on the trio thread)."""
+        flight.error = error
+        del self._flights[chunk.compressed_offset]
+        flight.done.set()
+
+    def _decode_and_write(self, start: int, data: bytes, group: list[PlannedChunk], flights: dict[int, _Flight]) -> int:
+        """Decode, verify and write each chunk of one fetched range, then commit (blocking: a
+        worker thread). Once, when a read waits for a chunk and at least `early_answer` more
+        compressed bytes of the run follow it, what is written so far is committed and those
+        reads are answered before the rest is decoded (a first read whose readahead pulled
+        in a large neighbour). Committing first keeps "a read returned, so its chunk is in
+        the cache" true."""
+        view = memoryview(data)
+        written = 0
+        marked: list[int] = []
+        done_upto = 0  # chunks of `group` already committed and answered
+        try:
+            for number, chunk in enumerate(group):
+                piece = view[chunk.compressed_offset - start : chunk.read_end - start]
+                if self._codec is None:
+                    self._codec = codec_for_data(piece)
+                written += self.cache.write(chunk.uncompressed_offset, chunk_plan.load(chunk, piece, self._codec))
+                marked += chunk.indexes
+                if (
+                    not done_upto and start + len(data) - chunk.read_end >= self._policy.early_answer
+                    and flights[chunk.compressed_offset].done.statistics().tasks_waiting
+                ):
+                    self.cache.commit(marked)
+                    marked, done_upto = [], number + 1
+                    trio.from_thread.run_sync(self._answer_early, group[:done_upto], flights)
+        finally:
+            self.cache.commit(marked)  # what was written and checked is kept even if a later chunk failed
+        return written
 
     async def _read_range(self, start: int, end: int) -> bytes:
         """[start, end) of the blob, or less at its end: the last member's bound is an estimate."""
         reader = await self._reader_ready()
         return await reader.read_range(start, end, up_to_end=True)
-
-    def _decode_and_store(self, start: int, data: bytes, group: list[PlannedChunk]) -> int:
-        """Decode and verify every chunk of one fetched range, then store them (blocking)."""
-        view = memoryview(data)
-        pieces = []
-        for chunk in group:
-            piece = view[chunk.compressed_offset - start : chunk.read_end - start]
-            if self._codec is None:
-                self._codec = codec_for_data(piece)
-            pieces.append((chunk.indexes, chunk.uncompressed_offset, chunk_plan.load(chunk, piece, self._codec)))
-        return self.cache.store(pieces)
 
     # ------------------------------------------------------------------ background work
     def all_chunks(self) -> list[PlannedChunk]:
