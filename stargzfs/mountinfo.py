@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class MountEntry:
+class MountEntry(NamedTuple):
+    """A NamedTuple, not a dataclass: `stargzfs mount-image` and `umount` start faster
+    without importing dataclasses (and inspect) for one record (~12 ms of their start)."""
+
     mountpoint: Path
     fstype: str
     source: str
