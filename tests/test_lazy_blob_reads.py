@@ -3,11 +3,13 @@ the order in which a read's chunk and the readahead behind it are fetched, commi
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from stargzfs.estargz.fetch import FileRangeReader
@@ -15,15 +17,18 @@ from stargzfs.lazyblobs.cache import BlobCache
 from stargzfs.lazyblobs.server import FetchPolicy, LazyBlob
 from stargzfs.rafs import blobindex, chunks as chunk_plan
 from stargzfs.rafs.blobmeta import decode_blob_meta
-from support.crafted import crafted_layer
+from support.crafted import crafted_layer, sha256
 from support.snapshot_root import image_cli_ok
 
 BLOB_ID = "cd" * 32
 
 
-def _blob(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, Path, Path]:
-    """A crafted layer's blob file, and the real builder's blob.meta and index for it."""
+def _blob(tmp_path: Path, files: dict[str, bytes], lie_about: bytes | None = None) -> tuple[Path, Path, Path]:
+    """A crafted layer's blob file, and the real builder's blob.meta and index for it (with
+    `lie_about`, the TOC gives that file's chunk another digest)."""
     blob_bytes, toc_json = crafted_layer(files)
+    if lie_about is not None:
+        toc_json = toc_json.replace(sha256(lie_about).encode(), sha256(b"something else").encode())
     (tmp_path / "blob").write_bytes(blob_bytes)
     (tmp_path / "toc.json").write_bytes(toc_json)
     meta, index = tmp_path / "meta", tmp_path / "index"
@@ -35,9 +40,10 @@ def _blob(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, Path, Path]:
 
 
 @asynccontextmanager
-async def _lazy_blob(tmp_path: Path, files: dict[str, bytes], policy: FetchPolicy) -> AsyncIterator[
-        tuple[LazyBlob, FileRangeReader, BlobCache, list]]:
-    blob_path, meta, index = _blob(tmp_path, files)
+async def _lazy_blob(
+    tmp_path: Path, files: dict[str, bytes], policy: FetchPolicy, lie_about: bytes | None = None,
+) -> AsyncIterator[tuple[LazyBlob, FileRangeReader, BlobCache, list]]:
+    blob_path, meta, index = _blob(tmp_path, files, lie_about)
     _, entries = decode_blob_meta(meta.read_bytes())
     (tmp_path / "cache").mkdir()
     cache_fd = os.open(tmp_path / "cache", os.O_PATH | os.O_DIRECTORY)
@@ -84,3 +90,18 @@ async def test_a_first_read_leaves_a_neighbour_larger_than_the_readahead_alone(t
         assert cache.has(1) and reader.requests == 1
         assert await blob.read(entries[2].uncompressed_offset, len(big)) == big
         assert reader.requests == 2 and cache.present_count == 3
+
+
+async def test_a_chunk_answered_early_stays_good_when_one_behind_it_fails_verification(tmp_path: Path) -> None:
+    small, big = os.urandom(3000), os.urandom(600_000)
+    async with _lazy_blob(tmp_path, {"a": small, "b": big}, FetchPolicy(readahead_min=1 << 20), lie_about=big) as (
+            blob, reader, cache, entries):
+        assert await blob.read(entries[0].uncompressed_offset, len(small)) == small
+        assert blob.stats.early_answers == 1
+        with pytest.raises(OSError) as failed:  # the same fetch's second chunk does not verify
+            await blob.read(entries[1].uncompressed_offset, 100)
+        assert failed.value.errno == errno.EIO and "the TOC says" in str(failed.value)
+        assert cache.has(0) and not cache.has(1) and reader.requests == 1
+        with pytest.raises(OSError):  # tried again by the next read, never served unverified
+            await blob.read(entries[1].uncompressed_offset, 100)
+        assert reader.requests == 2 and not cache.has(1)
