@@ -99,9 +99,10 @@ async def test_a_chunk_answered_early_stays_good_when_one_behind_it_fails_verifi
         assert await blob.read(entries[0].uncompressed_offset, len(small)) == small
         assert blob.stats.early_answers == 1
         with pytest.raises(OSError) as failed:  # the same fetch's second chunk does not verify
-            await blob.read(entries[1].uncompressed_offset, 100)
+            await blob.read(entries[1].uncompressed_offset, 100)  # (joined it, or fetched again)
         assert failed.value.errno == errno.EIO and "the TOC says" in str(failed.value)
-        assert cache.has(0) and not cache.has(1) and reader.requests == 1
+        assert cache.has(0) and not cache.has(1) and reader.requests in (1, 2)
+        requests = reader.requests
         with pytest.raises(OSError):  # tried again by the next read, never served unverified
             await blob.read(entries[1].uncompressed_offset, 100)
-        assert reader.requests == 2 and not cache.has(1)
+        assert reader.requests == requests + 1 and not cache.has(1) and cache.has(0)
