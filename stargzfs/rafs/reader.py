@@ -200,9 +200,11 @@ class BootstrapReader:
                 raise FormatError(f"directory nid {nid}: bad first nameoff {first_nameoff} in block at {block_start}")
             count = first_nameoff // DIRENT.size
             entries = list(DIRENT.iter_unpack(block[:first_nameoff]))
-            for i, (child, nameoff, ftype, _) in enumerate(entries):
-                end = entries[i + 1][1] if i + 1 < count else len(block)
-                if not first_nameoff <= nameoff <= end <= len(block):
+            block_len = len(block)
+            ends = [entry[1] for entry in entries[1:]]
+            ends.append(block_len)
+            for i, ((child, nameoff, ftype, _), end) in enumerate(zip(entries, ends)):
+                if not first_nameoff <= nameoff <= end <= block_len:
                     raise FormatError(f"directory nid {nid}: dirent {i} name [{nameoff}, {end}) out of bounds")
                 name = block[nameoff:end]
                 if i + 1 == count:
@@ -300,6 +302,7 @@ class _TreeReader:
         self.reader = reader
         data = reader.data
         self.data = data if type(data) is bytes else bytes(data)  # slices must be hashable keys
+        self.data_len = len(self.data)
         self.meta_base = reader.meta_base
         self.blob_count = blob_count
         self.positions = positions
@@ -364,7 +367,7 @@ class _TreeReader:
         count = -(-size >> (BLOCK_BITS + (i_u & CHUNK_FORMAT_BLKBITS_MASK)))
         start = (offset + INODE_EXTENDED.size + 7) & -8
         end = start + CHUNK_INDEX.size * count
-        if end > len(self.data):
+        if end > self.data_len:
             raise _Slow
         data, refs = self.data, self.refs
         if count == 1:  # most files: one chunk
