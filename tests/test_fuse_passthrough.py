@@ -479,3 +479,28 @@ def test_forgotten_inodes_leave_nothing_behind(tmp_path: Path) -> None:
     again = table.adopt(fd, os.fstat(fd))
     assert again.number > 2000  # numbers are never reused
     table.close_all()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_mount_reports_ready_after_the_providers_warm_up_and_survives_its_failure(
+    tree: dict[str, Path], fail: bool
+) -> None:
+    """`ready` (what `stargzfs mount` returns on) comes after the provider's warm-up, which
+    pays one-time costs the first lookup would otherwise pay; a failing warm-up is logged and
+    the mount serves anyway."""
+    root, base = tree["root"], tree["base"]
+    name = "warm-fail" if fail else "warm"
+    journal = base / f"{name}.journal"
+    spec = {
+        "root": str(root), "mountpoint": str(base / f"mnt-{name}"), "journal": str(journal),
+        "tops": {"2": str(root / "snapshots/2/fs")}, "warm_up": {"seconds": 0.3, "fail": fail},
+    }
+    running = start_mount(spec, base / f"{name}.log")
+    try:
+        lines = journal.read_text().splitlines()
+        assert lines == (["warm-up start"] if fail else ["warm-up start", "warm-up end"])
+        assert (running.mountpoint / "2" / "two").read_text() == "2\n"
+        if fail:
+            assert "warm-up failed (the first lookup pays for it instead)" in running.log_text()
+    finally:
+        running.stop()

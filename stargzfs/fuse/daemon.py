@@ -191,7 +191,11 @@ async def _ready_when_warm(ops: PassthroughOperations, on_ready: Callable[[], No
     warm_up = getattr(ops.provider, "warm_up", None)
     if warm_up is not None:
         with trio.move_on_after(WARM_UP_TIMEOUT) as scope:
-            await warm_up()
+            try:
+                await warm_up()
+            except Exception as exc:  # noqa: BLE001 - a warm-up is an optimisation: never fatal
+                log.warning("warm-up failed (the first lookup pays for it instead): %s: %s",
+                            type(exc).__name__, exc)
         if scope.cancelled_caught:
             log.warning("still warming up after %.0f s; reporting ready anyway", WARM_UP_TIMEOUT)
     if on_ready is not None:

@@ -5,7 +5,8 @@ builds a provider from the JSON spec and calls stargzfs.fuse.daemon.serve, writi
 READY_FD once the kernel mount exists. Providers:
 
 - "snapshot_root": the real SnapshotRootProvider over ROOT/metadata.db;
-- "static": fixed top dirs, plus optional virtual names whose materialize writes the file
+- "static": fixed top dirs, an optional warm-up (`warm_up`: seconds, fail), plus optional
+  virtual names whose materialize writes the file
   after `delay` seconds (or `delays[name]`), logging "start"/"end" lines to a journal file
   so tests can see how many conversions ran and in what order; `single_flight` de-duplicates concurrent
   materialize calls the way the real pipeline must.
@@ -48,6 +49,7 @@ class StaticProvider:
         self._fail: dict[str, int] = {k: getattr(errno, v) for k, v in spec.get("fail", {}).items()}
         self._single_flight = bool(spec.get("single_flight", True))
         self._inflight: dict[tuple[str, str], Any] = {}
+        self._warm_up: dict[str, Any] = spec.get("warm_up", {})  # {"seconds": s, "fail": bool}
 
     def top_dirs(self) -> dict[str, Path]:
         if self._tops_file is not None:
@@ -59,6 +61,18 @@ class StaticProvider:
 
     def is_hidden(self, top: str, name: str) -> bool:
         return name.startswith(self._hidden_prefixes)
+
+    async def warm_up(self) -> None:
+        """What the real provider pays before the mount reports ready (journaled)."""
+        import trio
+
+        if not self._warm_up:
+            return
+        self._log("warm-up start")
+        await trio.sleep(float(self._warm_up.get("seconds", 0.0)))
+        if self._warm_up.get("fail"):
+            raise RuntimeError("warm-up failed on purpose")
+        self._log("warm-up end")
 
     def _log(self, line: str) -> None:
         if self._journal is not None:
