@@ -408,7 +408,8 @@ def _attach_chunk(owner: EntryCore | None, record: EntryCore, index: int, digest
     if owner is None:
         raise FormatError(f"TOC {_where(index, record.name)}: 'chunk' record without a preceding 'reg' file")
     chunk_offset = record.chunk_offset
-    size = record.chunk_size or owner.size - chunk_offset
+    # `size - 0` would be a new int object per file: the file's own is shared (1M-entry memory)
+    size = record.chunk_size or (owner.size - chunk_offset if chunk_offset else owner.size)
     if size <= 0 or chunk_offset + size > owner.size:
         raise FormatError(
             f"TOC {_where(index, record.name)}: chunk [{chunk_offset}, {chunk_offset + size}) lies outside "
