@@ -44,9 +44,16 @@ class AtomicFile:
         self.target = target
         self.temp = temp
         self._fd = fd
+        self.closed = False
 
     def fileno(self) -> int:
         return self._fd
+
+    def close(self) -> None:
+        """Once only: the fd number may belong to another file afterwards."""
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append all of `data` (os.write may write less than asked)."""
@@ -110,15 +117,14 @@ def _finish(handle: AtomicFile) -> None:
     except OSError as exc:
         raise output_error(handle.target, exc) from None
     finally:
-        os.close(handle.fileno())
+        handle.close()
 
 
-def _discard(handle: AtomicFile, *, close: bool) -> None:
-    if close:
-        try:
-            os.close(handle.fileno())
-        except OSError:
-            pass
+def _discard(handle: AtomicFile) -> None:
+    try:
+        handle.close()
+    except OSError:
+        pass
     try:
         os.unlink(handle.temp)
     except FileNotFoundError:
@@ -152,16 +158,16 @@ def atomic_output(path: Path | str, *, mode: int = DEFAULT_MODE) -> Iterator[Ato
     try:
         yield handle
     except BaseException:
-        _discard(handle, close=True)
+        _discard(handle)
         raise
     try:
         _finish(handle)
         os.replace(handle.temp, target)
     except OSError as exc:
-        _discard(handle, close=False)
+        _discard(handle)
         raise output_error(target, exc) from None
     except BaseException:
-        _discard(handle, close=False)
+        _discard(handle)
         raise
     _sync_directory(_parent(target), target)
 
@@ -172,22 +178,42 @@ def write_atomically(path: Path | str, data: bytes | bytearray | memoryview, *, 
         handle.write(data)
 
 
-def write_files_atomically(outputs: Sequence[tuple[Path | str, bytes]], *, mode: int = DEFAULT_MODE) -> None:
+def open_output(path: Path | str, *, mode: int = DEFAULT_MODE) -> AtomicFile:
+    """A temp beside `path` for output written in place (e.g. through a mapping): pass it
+    to write_files_atomically, which renames it, or to discard_output."""
+    return _open_temp(Path(path), mode)
+
+
+def discard_output(handle: AtomicFile) -> None:
+    """Close and remove an open_output temp that will not be used."""
+    _discard(handle)
+
+
+def write_files_atomically(
+    outputs: Sequence[tuple[Path | str, bytes | bytearray] | AtomicFile], *, mode: int = DEFAULT_MODE
+) -> None:
     """Several outputs: every temp is written and synced before the first rename.
 
     So a full disk or a bad directory leaves all targets untouched. Renames happen in
-    the given order — put the file that marks completion (e.g. the bootstrap) last.
+    the given order — put the file that marks completion (e.g. the bootstrap) last. An
+    AtomicFile from open_output is already written: it is synced and renamed in its turn
+    (and removed, like the others, if anything fails).
     """
-    handles: list[AtomicFile] = []
+    handles: list[AtomicFile] = []  # in `outputs` order
     renamed = 0
     try:
-        for path, data in outputs:
+        for output in outputs:
+            if isinstance(output, AtomicFile):
+                handles.append(output)
+                _finish(output)
+                continue
+            path, data = output
             handle = _open_temp(Path(path), mode)
             handles.append(handle)
             try:
                 handle.write(data)
             except BaseException:
-                os.close(handle.fileno())
+                handle.close()
                 raise
             _finish(handle)
         for handle in handles:
@@ -198,7 +224,10 @@ def write_files_atomically(outputs: Sequence[tuple[Path | str, bytes]], *, mode:
             renamed += 1
     except BaseException:
         for handle in handles[renamed:]:
-            _discard(handle, close=False)
+            _discard(handle)
+        for output in outputs:  # prepared temps the loop had not reached
+            if isinstance(output, AtomicFile) and output not in handles:
+                _discard(output)
         raise
     for directory, target in {_parent(h.target): h.target for h in handles}.items():
         _sync_directory(directory, target)
