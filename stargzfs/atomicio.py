@@ -10,6 +10,7 @@ failure, not a traceback — with exit code 1 wherever it happens.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -79,6 +80,16 @@ class AtomicFile:
     def truncate(self, size: int) -> None:
         try:
             os.ftruncate(self._fd, size)
+        except OSError as exc:
+            raise output_error(self.target, exc) from None
+
+    def map(self, size: int) -> mmap.mmap:
+        """The temp as `size` zeroed bytes, mapped shared and writable. The blocks are
+        allocated first, so a full disk is an OutputError here and not a SIGBUS mid-write."""
+        try:
+            os.ftruncate(self._fd, 0)
+            os.posix_fallocate(self._fd, 0, size)
+            return mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             raise output_error(self.target, exc) from None
 

@@ -9,7 +9,6 @@ Outputs appear complete or not at all (temp file in the same directory, fsync, r
 from __future__ import annotations
 
 import argparse
-import functools
 import mmap
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from stargzfs.atomicio import AtomicFile, discard_output, open_output, output_er
 from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.gcpause import paused_gc
 from stargzfs.rafs.build import COMPRESSORS, BuildResult, build_bootstrap_from_toc_file
-from stargzfs.rafs.writer import map_output
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -78,7 +76,7 @@ def _create(args: argparse.Namespace) -> int:
             repeatable=args.repeatable,
             compressor=args.compressor,
             blob_index=args.blob_index is not None,
-            allocate=functools.partial(_map_temp, bootstrap),
+            allocate=bootstrap.map,
         )
         _check_and_write(args, result, bootstrap)
     except BaseException:
@@ -88,13 +86,6 @@ def _create(args: argparse.Namespace) -> int:
         if result is not None and isinstance(result.bootstrap, mmap.mmap):
             result.bootstrap.close()
     return 0
-
-
-def _map_temp(handle: AtomicFile, size: int) -> mmap.mmap:
-    try:
-        return map_output(handle.fileno(), size)
-    except OSError as exc:
-        raise output_error(handle.target, exc) from None
 
 
 def _check_and_write(args: argparse.Namespace, result: BuildResult, bootstrap: AtomicFile) -> None:

@@ -81,9 +81,9 @@ def build_bootstrap_from_toc_file(
     RSS (a caller holding the Toc would keep ~2/3 of that peak alive).
 
     `allocate` is handed to write_bootstrap (e.g. a mapping of the output file, which keeps
-    a 1M-entry image's 190 MB out of the peak). `blob_index=True` also makes the lazy-serving index of the blob.meta (blobindex.build)
-    from the same parse: the digests it needs are decoded too, and taken out before the
-    tree consumes the entries.
+    a 1M-entry image's 190 MB out of the peak). `blob_index=True` also makes the
+    lazy-serving index of the blob.meta (blobindex.build) from the same parse: the digests
+    it needs are decoded too, and taken out before the tree consumes the entries.
 
     UsageError when the file cannot be read; otherwise as build_bootstrap.
     """

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import mmap
-import os
 import stat
 from collections.abc import Callable
 
@@ -92,7 +91,7 @@ def write_bootstrap(
 
     Returns the buffer it filled (not a bytes copy: at a million inodes that copy alone
     was 200 MB of peak memory): a zeroed bytearray, or what `allocate(size)` returns, such
-    as a shared mapping of the output file (`map_output`), whose pages are handed to the
+    as a shared mapping of the output file (`AtomicFile.map`), whose pages are handed to the
     page cache as it fills instead of all staying in the builder's memory at once."""
     blobs = image.blobs
     for index, blob in enumerate(blobs):
@@ -157,14 +156,6 @@ def _relief(buf: bytearray | mmap.mmap) -> Callable[[], None]:
 
 def _nothing() -> None:
     pass
-
-
-def map_output(fd: int, size: int) -> mmap.mmap:
-    """A zeroed, writable shared mapping of `size` bytes of the file `fd`. The blocks are
-    allocated first, so a full disk is an OSError here and not a SIGBUS mid-write."""
-    os.ftruncate(fd, 0)
-    os.posix_fallocate(fd, 0, size)
-    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def _chunk_records(layout: Layout, blob_count: int) -> dict[bytes, ChunkRef]:
