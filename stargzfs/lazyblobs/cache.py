@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from stargzfs.errors import FormatError
 from stargzfs.fdpath import NotRegularFile, lstat_at, publish, unlink_quietly
@@ -64,17 +64,6 @@ class BlobCache:
     def read(self, offset: int, size: int) -> bytes:
         """Bytes of the uncompressed blob (the caller made sure the chunks are present)."""
         return os.pread(self._data_fd, size, offset)
-
-    def store(self, pieces: Iterable[tuple[Sequence[int], int, bytes]]) -> int:
-        """Write (chunk indexes, uncompressed offset, bytes) pieces, make them durable, then
-        mark them present; returns the bytes written. Blocking: run it in a worker thread."""
-        written = 0
-        marked: list[int] = []
-        for indexes, offset, data in pieces:
-            written += self.write(offset, data)
-            marked += indexes
-        self.commit(marked)
-        return written
 
     def write(self, offset: int, data: bytes) -> int:
         """Put one chunk's bytes in place, not yet durable nor marked: `read` sees them
