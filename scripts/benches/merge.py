@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     try:
         yardstick_dir = workdir / "yardstick"
-        yardstick_dir.mkdir(exist_ok=True)
+        shutil.rmtree(yardstick_dir, ignore_errors=True)  # a kept --workdir is rebuilt, not reused half-made
+        yardstick_dir.mkdir()
         in_child(_prepare_yardstick, yardstick_dir)
         create_argv = _create(yardstick_dir / "toc.json", yardstick_dir / ("ab" * 32), "ab" * 32)
         mkfs_argv = ["mkfs.erofs", "--quiet", "-T0", "--all-root", str(yardstick_dir / "erofs.img"),
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
                 "paths_out": _path_count(case / "image.boot"),
                 "bytes_identical": sha256(case / "image.boot") == PINNED[shape],
             })
-            shutil.rmtree(case)
+            if args.workdir is None:
+                shutil.rmtree(case)  # one case's layers at a time; --workdir keeps them for profiling
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
