@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     try:
         yardstick_dir = workdir / "yardstick"
-        shutil.rmtree(yardstick_dir, ignore_errors=True)  # a kept --workdir is rebuilt, not reused half-made
+        shutil.rmtree(yardstick_dir, ignore_errors=True)  # a kept --workdir: make_disk_tree needs a fresh tree dir
         yardstick_dir.mkdir()
         in_child(_prepare_yardstick, yardstick_dir)
         create_argv = _create(yardstick_dir / "toc.json", yardstick_dir / ("ab" * 32), "ab" * 32)
