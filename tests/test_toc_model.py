@@ -34,6 +34,33 @@ def test_clean_name(raw: str, clean: str) -> None:
     assert clean_name(raw) == clean
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.lists(  # components, then a file name (never the root), then perhaps a slash
+        st.tuples(st.lists(st.sampled_from(["a", ".", "..", "", ".c", "d."]), max_size=4),
+                  st.sampled_from(["f", ".f", "f."]), st.sampled_from(["", "/", "//"]))
+        .map(lambda parts: "/".join([*parts[0], parts[1]]) + parts[2]), min_size=1, max_size=6),
+    modtimes=st.lists(st.sampled_from(["", "2020-01-01T00:00:00Z", "2021-06-01T00:00:01.5Z"]), min_size=6, max_size=6),
+    chunk_sizes=st.lists(st.sampled_from([0, 7]), min_size=6, max_size=6),
+)
+def test_the_parse_loop_agrees_with_its_helpers(names: list[str], modtimes: list[str], chunk_sizes: list[int]) -> None:
+    """The normalising pass inlines the common cases of clean_name, the modtime lookup and a
+    one-chunk file: whatever the mix, each entry ends as the helpers themselves say."""
+    raw = toc_bytes([
+        {"name": name, "type": "reg", "size": 7, "offset": 100 + 10 * number, "chunkSize": chunk_sizes[number],
+         "modtime": modtimes[number], "chunkDigest": f"sha256:{number:064x}"}
+        for number, name in enumerate(names)
+    ])
+    for digests in (True, False):
+        entries = parse_toc(raw, digests=digests).entries
+        assert [entry.name for entry in entries] == [clean_name(name) for name in names]
+        for number, entry in enumerate(entries):
+            assert (entry.mtime, entry.mtime_nsec) == (parse_rfc3339(modtimes[number]) if modtimes[number] else (0, 0))
+            [chunk] = entry.chunks
+            assert (chunk.offset, chunk.chunk_offset, chunk.size, chunk.raw_index) == (100 + 10 * number, 0, 7, number)
+            assert chunk.digest == (f"sha256:{number:064x}" if digests else None)
+
+
 def test_rfc3339_seconds_and_nanoseconds() -> None:
     assert parse_rfc3339("1970-01-01T00:00:10Z") == (10, 0)
     assert parse_rfc3339("2023-05-01T10:00:43.769592396Z") == (1682935243, 769592396)

@@ -330,6 +330,9 @@ def _normalise(records: list[EntryCore], digests: bool) -> tuple[list[EntryCore]
     has_root = False
     last_reg: EntryCore | None = None
     rfc3339 = parse_rfc3339
+    last_modtime, last_times = "", (0, 0)  # TOCs repeat one modtime: skip even the cache lookup
+    # The loop runs once per entry of up to millions: the common cases of clean_name and
+    # _attach_chunk are inlined (each call cost ~0.1 µs); anything else goes through them.
     for index, entry in enumerate(records):
         kind = entry.type
         if kind == "chunk":
@@ -337,7 +340,9 @@ def _normalise(records: list[EntryCore], digests: bool) -> tuple[list[EntryCore]
             continue
         entry.raw_index = index
         entry.chunks = NO_CHUNKS
-        name = entry.name = clean_name(entry.name)
+        name = entry.name
+        if name.startswith(("./", "/", ".")) or name.endswith("/") or "//" in name or "/." in name:
+            name = entry.name = clean_name(name)  # else clean_name would return it unchanged
         if len(name) > MAX_NAME_BYTES // 4:
             _check_long_name(name, index)
         if not name:
@@ -346,10 +351,13 @@ def _normalise(records: list[EntryCore], digests: bool) -> tuple[list[EntryCore]
             entry.mode &= 0o7777
         modtime = entry.modtime
         if modtime:
-            try:
-                entry.mtime, entry.mtime_nsec = rfc3339(modtime)
-            except ValueError as exc:
-                raise FormatError(f"TOC {_where(index, name)}: {exc}") from None
+            if modtime != last_modtime:
+                try:
+                    last_times = rfc3339(modtime)
+                except ValueError as exc:
+                    raise FormatError(f"TOC {_where(index, name)}: {exc}") from None
+                last_modtime = modtime
+            entry.mtime, entry.mtime_nsec = last_times
             if not digests:
                 entry.modtime = ""
         else:
@@ -358,8 +366,13 @@ def _normalise(records: list[EntryCore], digests: bool) -> tuple[list[EntryCore]
             owners.fill(entry)
         if kind == "reg":
             last_reg = entry
-            if entry.size:
-                _attach_chunk(entry, entry, index, digests)
+            size = entry.size
+            if size:
+                if entry.chunk_offset or (entry.chunk_size and entry.chunk_size != size):
+                    _attach_chunk(entry, entry, index, digests)
+                else:  # one chunk of the whole file: what _attach_chunk makes, without the checks it needs
+                    digest = (entry.chunk_digest or None) if digests else None  # type: ignore[attr-defined]
+                    entry.chunks = [Chunk(entry.offset, 0, size, digest, entry.inner_offset, index)]
         else:
             last_reg = None
             if entry.size:
