@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from stargzfs.errors import UnsupportedError, UsageError
+from stargzfs.errors import FormatError, UnsupportedError, UsageError
 from stargzfs.estargz.fetch import FileRangeReader
 from stargzfs.estargz.toc import parse_toc
 from stargzfs.rafs import from_toc
@@ -303,6 +303,38 @@ def test_duplicate_path_later_wins_and_keeps_children() -> None:
     assert d is not None and stat.S_IMODE(d.mode) == 0o711 and list(d.children or {}) == [b"f"]
     g = image.lookup("/g")
     assert g is not None and g.symlink == b"d/f"
+
+
+def test_an_empty_directory_replaced_by_a_file_takes_no_children() -> None:
+    """Only directories are indexed by path while the tree is built: a directory replaced
+    by a file must leave that index, or a later `e/x` would land in the replaced node."""
+    entries = [
+        {"name": "e/", "type": "dir", "mode": 0o755},
+        {"name": "e", "type": "reg", "mode": 0o644},
+        {"name": "e/x", "type": "reg", "mode": 0o644},
+    ]
+    with pytest.raises(FormatError, match="'e' is used as a directory but is not one"):
+        build_bootstrap(parse_toc(json.dumps({"version": 1, "entries": entries}).encode()), blob_id=CRAFTED_ID)
+
+
+def test_hardlinks_find_files_and_the_latest_duplicate() -> None:
+    """Hardlink targets are found through the tree (files are not indexed by path), and a
+    duplicated target path means its last entry, as before."""
+    entries = [
+        {"name": "d/", "type": "dir", "mode": 0o755},
+        {"name": "d/t", "type": "reg", "mode": 0o600},
+        {"name": "d/t", "type": "reg", "mode": 0o640, "uid": 7},
+        {"name": "d/deep/", "type": "dir", "mode": 0o755},
+        {"name": "d/deep/u", "type": "reg", "mode": 0o604},
+        {"name": "h1", "type": "hardlink", "linkName": "d/t"},
+        {"name": "h2", "type": "hardlink", "linkName": "./d/deep/u"},
+    ]
+    image = build_bootstrap(parse_toc(json.dumps({"version": 1, "entries": entries}).encode()),
+                            blob_id=CRAFTED_ID, repeatable=False).image
+    h1, t, h2, u = (image.lookup(path) for path in ("/h1", "/d/t", "/h2", "/d/deep/u"))
+    assert h1 is not None and t is not None and h2 is not None and u is not None
+    assert (stat.S_IMODE(h1.mode), h1.uid) == (0o640, 7) and h1.link is t.link is not None
+    assert stat.S_IMODE(h2.mode) == 0o604 and h2.link is u.link is not None
 
 
 # --- output bytes, pinned ---------------------------------------------------------------

@@ -13,7 +13,7 @@ import hashlib
 import operator
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stargzfs.errors import FormatError, UnsupportedError
@@ -184,13 +184,15 @@ def build_tree(
         toc.forget_index()
     nodes = _PathNodes()
     with_chunks, replaced, hardlinks = _make_nodes(toc.entries, records, nodes, repeatable, consume_toc)
-    with_chunks += _resolve_hardlinks(hardlinks, nodes)
+    hardlinks_with_chunks = _resolve_hardlinks(hardlinks, nodes)
+    with_chunks += hardlinks_with_chunks
     root = nodes.root
     del nodes, hardlinks
 
     live = [node for node in with_chunks if id(node) not in replaced] if replaced else with_chunks
     del with_chunks
-    index_records = _assign_chunk_indexes(live, records.created)
+    # only hardlinks share a chunk list: without one to data, every list is one path's own
+    index_records = _assign_chunk_indexes(live, records.created, lists_shared=bool(hardlinks_with_chunks))
     image = RafsImage(
         root=root,
         blobs=_blob_table(blob_id, index_records, chunk_size, compressor),
@@ -203,8 +205,10 @@ def build_tree(
 
 
 class _PathNodes:
-    """Path → the node now at that path, for the TOC's own entries and the parents they
-    were looked up through.
+    """Path → the directory now at that path, for the TOC's own directories and the parents
+    they were looked up through. Files are found through their parents' `children` (only
+    hardlink targets are looked up): a million-entry layer would otherwise keep a
+    million-key dict and every entry's name string alive for the whole build.
 
     Implicit ancestors are reached through their parents' `children` instead of being
     registered under their full paths: a name of depth d would otherwise add d path
@@ -327,7 +331,10 @@ def _make_nodes(
             elif existing.children:
                 raise FormatError(f"TOC entry {_shown(name)!r}: a non-directory replaces a non-empty directory")
         children[raw_name] = node
-        by_path[name] = node
+        if node.children is not None:
+            by_path[name] = node
+        elif existing is not None:
+            by_path.pop(name, None)  # a directory no more: children must not land in it
     return with_chunks, replaced, hardlinks
 
 
@@ -398,49 +405,58 @@ def _blob_table(blob_id: str, index_records: list[ChunkRef], chunk_size: int, co
     ]
 
 
-def _assign_chunk_indexes(files: Iterable[Node], created: int) -> list[ChunkRef]:
+def _assign_chunk_indexes(files: list[Node], created: int, *, lists_shared: bool = True) -> list[ChunkRef]:
     """Step 4: every path's references, sorted by uncompressed offset (v2.1 §1.5); each
     record gets the last index of its run of duplicates. Returns the record at each chunk
     index 0..n-1 (hardlink duplicates included, as v2.1 counts).
 
     Without hardlinks to data and without replaced duplicates, every record is referenced
     once and the provisional creation-order indexes already are the answer.
+    `lists_shared=False` says no two paths share a chunk list (no hardlink has data): the
+    per-list path counts, two id()-keyed dicts as large as the layer, are then skipped.
     """
     paths_of_list: dict[int, int] = {}  # id(chunk list) → number of paths sharing it
-    lists: dict[int, list[ChunkRef]] = {}
-    for node in files:
-        key = id(node.chunks)
-        paths_of_list[key] = paths_of_list.get(key, 0) + 1
-        lists[key] = node.chunks
-    total = distinct = 0
-    for key, refs in lists.items():
-        total += len(refs) * paths_of_list[key]
-        distinct += len(refs)
+    lists: list[list[ChunkRef]]
+    if lists_shared:
+        by_id: dict[int, list[ChunkRef]] = {}
+        for node in files:
+            key = id(node.chunks)
+            paths_of_list[key] = paths_of_list.get(key, 0) + 1
+            by_id[key] = node.chunks  # type: ignore[assignment]  # files all have chunk lists
+        lists = list(by_id.values())
+        del by_id
+        total = distinct = 0
+        for refs in lists:
+            total += len(refs) * paths_of_list[id(refs)]
+            distinct += len(refs)
+    else:
+        lists = [node.chunks for node in files]  # type: ignore[misc]  # files all have chunk lists
+        total = distinct = sum(map(len, lists))
     if total > MAX_ENTRIES:
         raise UnsupportedError(f"TOC has {total} chunk references; blob.meta v1 holds at most {MAX_ENTRIES}")
     if total == distinct == created:
         # every record alive and referenced once: indexes are creation order, which is
         # uncompressed-offset order
-        by_index = [ref for refs in lists.values() for ref in refs]
+        by_index = [ref for refs in lists for ref in refs]
         by_index.sort(key=_CHUNK_INDEX_OF)
         return by_index
     if total == distinct:
         # referenced once each, but some records belong to no path (a hidden entry's data,
         # as ctr-remote's landmark file has, or a replaced duplicate): the index is the
         # record's rank in creation (= uncompressed-offset) order
-        by_index = [ref for refs in lists.values() for ref in refs]
+        by_index = [ref for refs in lists for ref in refs]
         by_index.sort(key=_CHUNK_INDEX_OF)
         rank = {ref.chunk_index: index for index, ref in enumerate(by_index)}
         make_ref = tuple.__new__
-        for refs in lists.values():
+        for refs in lists:
             refs[:] = [make_ref(ChunkRef, (ref[0], rank[ref[1]], *ref[2:])) for ref in refs]
-        by_index = [ref for refs in lists.values() for ref in refs]
+        by_index = [ref for refs in lists for ref in refs]
         by_index.sort(key=_CHUNK_INDEX_OF)
         return by_index
 
     reference_counts: dict[int, int] = {}
-    for key, refs in lists.items():
-        count = paths_of_list[key]
+    for refs in lists:
+        count = paths_of_list[id(refs)]
         for ref in refs:
             reference_counts[ref.uncompressed_offset] = reference_counts.get(ref.uncompressed_offset, 0) + count
     offsets = sorted(reference_counts)
@@ -450,7 +466,7 @@ def _assign_chunk_indexes(files: Iterable[Node], created: int) -> list[ChunkRef]
         running += reference_counts[uoff]
         last_index[uoff] = running - 1
     by_uoff: dict[int, ChunkRef] = {}
-    for refs in lists.values():
+    for refs in lists:
         refs[:] = [ref._replace(chunk_index=last_index[ref.uncompressed_offset]) for ref in refs]
         for ref in refs:
             by_uoff[ref.uncompressed_offset] = ref
