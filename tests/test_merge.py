@@ -324,3 +324,32 @@ def test_a_block_id_in_two_blobs_keeps_a_chunk_table_record_per_blob() -> None:
     files = read_bootstrap(data).root.children
     assert [(files[n].chunks[0].blob_index, files[n].chunks[0].block_id) for n in (b"a", b"b", b"c")] == [
         (0, shared), (1, shared), (1, other)]
+
+
+def test_refs_shared_within_a_blob_give_one_chunk_table_record() -> None:
+    """Hardlinks (and a source's chunk-table record used by several files) put one block id
+    under several paths of one blob: the table holds it once, and with two equal-id refs
+    that differ (a hand-made tree) the last one placed is the record, as always."""
+    import stat as stat_module
+
+    from stargzfs.rafs.reader import BootstrapReader
+    from stargzfs.rafs.tree import BlobInfo, ChunkRef, LinkGroup, Node, RafsImage
+    from stargzfs.rafs.writer import write_bootstrap
+
+    one, two, three = b"\x33" * 32, b"\x44" * 32, b"\x05" * 32
+    root = Node.directory(b"", stat_module.S_IFDIR | 0o755)
+    shared = [ChunkRef(1, 0, 0, 100, 10, 0, 0, one)]
+    group = LinkGroup()
+    for name in (b"h1", b"h2"):  # one inode, two paths: the same list of refs
+        root.children[name] = Node(name, stat_module.S_IFREG | 0o644, size=100, chunks=shared, link=group)
+    root.children[b"x"] = Node(b"x", stat_module.S_IFREG | 0o644, size=50,
+                               chunks=[ChunkRef(0, 0, 0, 50, 10, 0, 0, three)])
+    # equal block id, same blob, different fields: "y" is placed after "w"
+    root.children[b"w"] = Node(b"w", stat_module.S_IFREG | 0o644, size=60,
+                               chunks=[ChunkRef(1, 1, 4096, 60, 300, 0, 0, two)])
+    root.children[b"y"] = Node(b"y", stat_module.S_IFREG | 0o644, size=60,
+                               chunks=[ChunkRef(1, 1, 4096, 60, 400, 0, 0, two)])
+    blobs = [BlobInfo("a" * 64, 1, 0x400000), BlobInfo("b" * 64, 2, 0x400000)]
+    records = BootstrapReader(bytes(write_bootstrap(RafsImage(root=root, blobs=blobs)))).chunk_records()
+    assert [(r.block_id, r.blob_index, r.compressed_offset) for r in records] == [
+        (three, 0, 10), (one, 1, 10), (two, 1, 400)]

@@ -7,7 +7,9 @@ memory stays proportional to the tree, not to Python temporaries.
 from __future__ import annotations
 
 import functools
+import itertools
 import mmap
+import operator
 import stat
 from collections.abc import Callable
 
@@ -110,7 +112,7 @@ def write_bootstrap(
 
     relieve = _relief(buf)
     has_xattr = _emit_inodes(buf, layout, meta_addr, image.chunk_size, relieve)
-    _emit_chunk_table(buf, chunk_table_offset, [records[key] for key in sorted(records)], relieve)
+    _emit_chunk_table(buf, chunk_table_offset, records, relieve)
     del records
     bt_offset = blob_table_offset(len(blobs))
     for index, blob in enumerate(blobs):
@@ -158,39 +160,55 @@ def _nothing() -> None:
     pass
 
 
-def _chunk_records(layout: Layout, blob_count: int) -> dict[bytes, ChunkRef]:
-    """One chunk-table record per (block_id, blob); the writer sorts by that key.
+def _chunk_records(layout: Layout, blob_count: int) -> list[ChunkRef]:
+    """The chunk table: one record per (block_id, blob), sorted by that key; of refs with
+    the same key (hardlinks share theirs) the last in placement order is the record.
 
-    The key is block_id + big-endian blob index: block ids are always 32 bytes, so bytes
-    order is (block_id, blob_index) order, and bytes sort much faster than tuples. With
-    one blob the block id alone is that key (and needs no new bytes per chunk).
+    Block ids are always 32 bytes, so with one blob the block id alone is the key. The
+    records are sorted by a key taken from each, never looked up again by key afterwards:
+    at a million chunks those lookups are cache misses that cost more than the sort.
     """
-    records: dict[bytes, ChunkRef] = {}
     files = [placement.node.chunks for placement in layout.placements if placement.kind == FILE]
     if blob_count > 1:
-        # Block ids of different blobs differ unless two blobs share a chunk (builders
-        # hashing content): then, and only then, the key needs the blob index too.
-        get = records.get
-        for chunks in files:
-            for ref in chunks:
-                block_id = ref[7]  # ChunkRef.block_id
-                seen = get(block_id)
-                if seen is not None and seen[0] != ref[0]:  # the same block id in two blobs
-                    return _chunk_records_by_blob(files)
-                records[block_id] = ref
-        return records
+        return _records_of_blobs(files)
+    records: dict[bytes, ChunkRef] = {}
     for chunks in files:
         for ref in chunks:
-            records[ref.block_id] = ref
-    return records
+            records[ref[7]] = ref  # ChunkRef.block_id
+    return sorted(records.values(), key=_BLOCK_ID_OF)
 
 
-def _chunk_records_by_blob(files: list[list[ChunkRef]]) -> dict[bytes, ChunkRef]:
+_BLOCK_ID_OF = operator.itemgetter(7)  # ChunkRef.block_id
+
+
+def _records_of_blobs(files: list[list[ChunkRef]]) -> list[ChunkRef]:
+    """_chunk_records for several blobs (merge), where refs are shared more often (one per
+    source chunk-table record): every ref is sorted by block id without a dict first, and
+    equal block ids, now adjacent and in placement order (the sort is stable), are found
+    by comparing neighbours."""
+    refs = sorted(itertools.chain.from_iterable(files), key=_BLOCK_ID_OF)
+    block_ids = list(map(_BLOCK_ID_OF, refs))
+    unlike_next = list(map(operator.ne, block_ids, itertools.islice(block_ids, 1, None)))
+    del block_ids
+    if all(unlike_next):
+        return refs
+    repeated = itertools.compress(itertools.count(), map(operator.not_, unlike_next))
+    if any(refs[at][0] != refs[at + 1][0] for at in repeated):  # ChunkRef.blob_index
+        # Block ids of different blobs differ unless two blobs share a chunk (builders
+        # hashing content): then, and only then, the key needs the blob index too.
+        return _chunk_records_by_blob(files)
+    unlike_next.append(True)
+    return list(itertools.compress(refs, unlike_next))  # the last of each run
+
+
+def _chunk_records_by_blob(files: list[list[ChunkRef]]) -> list[ChunkRef]:
+    """As _chunk_records, keyed by block_id + big-endian blob index (bytes order is
+    (block_id, blob_index) order, and bytes sort much faster than tuples)."""
     records: dict[bytes, ChunkRef] = {}
     for chunks in files:
         for ref in chunks:
             records[ref.block_id + ref.blob_index.to_bytes(4, "big")] = ref
-    return records
+    return [records[key] for key in sorted(records)]
 
 
 def _emit_chunk_table(
