@@ -93,6 +93,13 @@ class AtomicFile:
         except OSError as exc:
             raise output_error(self.target, exc) from None
 
+    def sync_mapping(self, mapping: mmap.mmap) -> None:
+        """msync a mapping made by `map`: what was written through it reaches the file."""
+        try:
+            mapping.flush()
+        except OSError as exc:
+            raise output_error(self.target, exc) from None
+
 
 _TEMP_NAME = re.compile(r"\.(.+)\.tmp-[0-9]+-[0-9a-f]{8}")
 

@@ -8,8 +8,8 @@ Exit codes: 0 ok, 1 generic failure, 2 usage, 5 malformed input, 6 unsupported i
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from stargzfs import __version__, cliutil
 
@@ -31,5 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cliutil.run(build_parser(argv), argv)
 
 
+def console_main() -> NoReturn:
+    """The console script: as `sys.exit(main())`, minus freeing the built image at exit."""
+    cliutil.exit_without_teardown()
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's --help, --version and usage errors
+        if exc.code is None or isinstance(exc.code, int):
+            cliutil.exit_now(exc.code or 0)
+        raise  # a message as the code: let the interpreter print it
+    cliutil.exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

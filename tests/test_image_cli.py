@@ -4,6 +4,7 @@ order, one-line errors with distinct exit codes, and never a partial or stray ou
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from stargzfs.errors import StargzfsError
+from stargzfs import cliutil
 from stargzfs.image_cli import main
 from support.toc_cases import REJECTIONS
 from support.paths import NYDUS_FIXTURES, VENV_BIN
@@ -34,6 +36,35 @@ def test_seed_command_line_via_console_script(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size == 20480 and meta.stat().st_size == 8192
     assert sorted(p.name for p in tmp_path.iterdir()) == ["boot", "meta"]
+
+
+def test_console_script_ends_without_teardown_yet_loses_no_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The console script ends with os._exit, so the built tree is never freed object by
+    object: what it printed must still all arrive, its exit codes are main()'s, and callers
+    of main() in this process keep nothing alive."""
+    toc = tmp_path / "toc.json"
+    toc.write_bytes(json.dumps({"version": 1, "entries": [
+        {"name": f"dir/file-{i:05d}", "type": "reg", "mode": 0o644} for i in range(3000)
+    ]}).encode())
+    boot = tmp_path / ("b" * 64)
+    assert main(seed_argv(boot, tmp_path / "meta", toc, "b" * 64)) == 0
+    assert cliutil._kept_until_exit == []
+    capsys.readouterr()
+    assert main(["inspect", str(boot), "ls", "/dir"]) == 0
+    expected = capsys.readouterr().out
+    assert expected.count("\n") >= 3000
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    printed = subprocess.run([str(VENV_BIN / "stargzfs-image"), "inspect", str(boot), "ls", "/dir"],
+                             capture_output=True, text=True, env=buffered)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == expected  # a pipe: block-buffered, flushed before os._exit
+    toc.write_bytes(b'{"version": 1, "entries": [{"name": "x", "type": "reg", "size": -1}]}')
+    refused = subprocess.run([str(VENV_BIN / "stargzfs-image"), *seed_argv(tmp_path / "out", tmp_path / "m", toc)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 5 and "'size'" in refused.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_flag_order_and_checked_build_give_same_bytes(tmp_path: Path) -> None:

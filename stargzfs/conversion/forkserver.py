@@ -176,6 +176,7 @@ def _child(connection: socket.socket, wakeup: tuple[int, int], job: dict[str, An
         os.close(devnull)
         from stargzfs import cliutil
 
+        cliutil.exit_without_teardown()  # the finally below ends this child with os._exit
         code = cliutil.run(_PARSER, job["argv"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 2

@@ -13,7 +13,8 @@ import mmap
 import sys
 from pathlib import Path
 
-from stargzfs.atomicio import AtomicFile, discard_output, open_output, output_error, write_files_atomically
+from stargzfs import cliutil
+from stargzfs.atomicio import AtomicFile, discard_output, open_output, write_files_atomically
 from stargzfs.errors import StargzfsError, UsageError
 from stargzfs.gcpause import paused_gc
 from stargzfs.rafs.build import COMPRESSORS, BuildResult, build_bootstrap_from_toc_file
@@ -79,6 +80,7 @@ def _create(args: argparse.Namespace) -> int:
             allocate=bootstrap.map,
         )
         _check_and_write(args, result, bootstrap)
+        cliutil.keep_until_exit(result)  # the tree: freeing it would be the last 3-5% of the run
     except BaseException:
         discard_output(bootstrap)
         raise
@@ -103,9 +105,6 @@ def _check_and_write(args: argparse.Namespace, result: BuildResult, bootstrap: A
     elif args.blob_index and result.blob_index_problem is not None:
         print(f"stargzfs-image: warning: no blob index written: {result.blob_index_problem}", file=sys.stderr)
     if isinstance(result.bootstrap, mmap.mmap):
-        try:
-            result.bootstrap.flush()  # msync: what was written through the mapping reaches the file
-        except OSError as exc:
-            raise output_error(bootstrap.target, exc) from None
+        bootstrap.sync_mapping(result.bootstrap)
     outputs.append(bootstrap)  # last: a present bootstrap means the other outputs are there
     write_files_atomically(outputs)

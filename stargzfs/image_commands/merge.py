@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from stargzfs import cliutil
 from stargzfs.atomicio import write_files_atomically
 
 
@@ -42,6 +43,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace) -> int:
     from stargzfs.rafs.merge import merge_bootstraps  # imported late: keeps `--help` cheap
 
+    # A bytearray, not a mapping of the output as `create` uses: at merge sizes the
+    # shared-mapping page faults cost more than one write of the finished buffer.
     result = merge_bootstraps(args.sources, parent=args.parent_bootstrap)
     outputs: list[tuple[Path, bytes]] = []
     if args.output_json is not None:
@@ -49,4 +52,5 @@ def run(args: argparse.Namespace) -> int:
         outputs.append((args.output_json, document.encode()))
     outputs.append((args.bootstrap, result.bootstrap))  # last: a present OUT means the JSON is there too
     write_files_atomically(outputs)
+    cliutil.keep_until_exit(result)  # the merged tree: not freed object by object at exit
     return 0
