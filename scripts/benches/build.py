@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> dict:
                 **(_phases(toc) if args.phases else {}),
             })
             shutil.rmtree(case / "tree")
+            os.sync()  # the removal's writeback is not the next size's measurement
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
