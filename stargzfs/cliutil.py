@@ -173,13 +173,33 @@ def keep_until_exit(value: object) -> None:
 
 def exit_now(code: int) -> NoReturn:
     """Flush stdout/stderr and end the process without freeing its objects. Only after
-    every output is complete: no atexit handler or finaliser runs."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed or broken stream must not change the code
-            pass
+    every output is complete: no atexit handler or finaliser runs.
+
+    Output that cannot be flushed is not lost silently: a reader that left ends it like
+    SIGPIPE would (141, as `run` does), any other failure (a full disk behind `> file`)
+    with a line on stderr and 120, the interpreter's own status for it."""
+    try:
+        if sys.stdout is not None:  # None: started with fd 1 closed
+            sys.stdout.flush()
+    except BrokenPipeError:
+        code = 141
+    except (OSError, ValueError) as exc:  # ValueError: stdout was closed
+        _say_on_stderr(f"{os.path.basename(sys.argv[0] or 'stargzfs')}: cannot write standard output: {exc}")
+        code = 120
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # nowhere left to report it
     os._exit(code)
+
+
+def _say_on_stderr(line: str) -> None:
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(line + "\n")
+    except (OSError, ValueError):
+        pass
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
