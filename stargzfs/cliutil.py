@@ -171,7 +171,7 @@ def keep_until_exit(value: object) -> None:
         _kept_until_exit.append(value)
 
 
-def exit_now(code: int) -> NoReturn:
+def exit_now(code: int, prog: str) -> NoReturn:
     """Flush stdout/stderr and end the process without freeing its objects. Only after
     every output is complete: no atexit handler or finaliser runs.
 
@@ -184,7 +184,7 @@ def exit_now(code: int) -> NoReturn:
     except BrokenPipeError:
         code = 141
     except (OSError, ValueError) as exc:  # ValueError: stdout was closed
-        _say_on_stderr(f"{os.path.basename(sys.argv[0] or 'stargzfs')}: cannot write standard output: {exc}")
+        _say_on_stderr(f"{prog}: cannot write standard output: {exc}")
         code = 120
     try:
         if sys.stderr is not None:

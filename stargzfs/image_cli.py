@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from stargzfs import __version__, cliutil
 
+PROG = "stargzfs-image"
 #: command name -> the module that registers it
 SUBCOMMANDS = {
     name: f"stargzfs.image_commands.{name.replace('-', '_')}"
@@ -22,7 +23,7 @@ SUBCOMMANDS = {
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return cliutil.build_lazy_parser(
-        "stargzfs-image", __doc__.splitlines()[0], f"stargzfs-image {__version__} (nydus-image v2.1 compatible)",
+        PROG, __doc__.splitlines()[0], f"stargzfs-image {__version__} (nydus-image v2.1 compatible)",
         SUBCOMMANDS, argv,
     )
 
@@ -38,9 +39,9 @@ def console_main() -> NoReturn:
         code = main()
     except SystemExit as exc:  # argparse's --help, --version and usage errors
         if exc.code is None or isinstance(exc.code, int):
-            cliutil.exit_now(exc.code or 0)
+            cliutil.exit_now(exc.code or 0, PROG)
         raise  # a message as the code: let the interpreter print it
-    cliutil.exit_now(code)
+    cliutil.exit_now(code, PROG)
 
 
 if __name__ == "__main__":

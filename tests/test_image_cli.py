@@ -63,7 +63,7 @@ def test_console_script_ends_without_teardown_yet_loses_no_output(
     with open("/dev/full", "w") as full:  # output that cannot be flushed is not a silent success
         lost = subprocess.run([str(VENV_BIN / "stargzfs-image"), "inspect", str(boot), "ls", "/"],  # < a buffer
                               stdout=full, stderr=subprocess.PIPE, text=True, env=buffered)
-    assert lost.returncode == 120 and "cannot write standard output" in lost.stderr
+    assert lost.returncode == 120 and "stargzfs-image: cannot write standard output" in lost.stderr
     toc.write_bytes(b'{"version": 1, "entries": [{"name": "x", "type": "reg", "size": -1}]}')
     refused = subprocess.run([str(VENV_BIN / "stargzfs-image"), *seed_argv(tmp_path / "out", tmp_path / "m", toc)],
                              capture_output=True, text=True)
