@@ -384,3 +384,40 @@ async def test_warm_up_returns_once_the_builder_server_has_imported_the_builder(
     assert code == 0 and b"stargzfs-image" in output
     server._process.kill()
     server._process.wait()
+
+
+async def test_a_fork_server_job_whose_output_cannot_be_written_fails(tmp_path: Path) -> None:
+    """A job ends as the console script does: output it cannot write (here its reader has
+    gone, so EPIPE, at a write or at the final flush) is a failed job (141, as SIGPIPE),
+    never a silent 0."""
+    import array
+    import json
+
+    from stargzfs.conversion.forkserver import ForkServer
+
+    toc = tmp_path / "toc.json"
+    toc.write_text(json.dumps({"version": 1, "entries": [{"name": "d", "type": "dir", "mode": 0o755}]}))
+    boot = tmp_path / "boot"
+    server = ForkServer(["env", "-u", "PYTHONUNBUFFERED"])  # buffered, so the failure comes at the final flush
+    try:
+        code, output = await server.run(
+            ["create", "--source-type", "stargz_index", "--bootstrap", str(boot), "--blob-id", "ab" * 32,
+             "--repeatable", "--fs-version", "6", str(toc)], [], memory_limit=0, cpu_limit=0)
+        assert code == 0, output
+        connection = await server._connection()
+        read_fd, write_fd = os.pipe()
+        os.close(read_fd)  # nobody will read what the job prints
+        job = {"id": 1000, "argv": ["inspect", str(boot), "ls", "/"], "targets": [], "as": 0, "cpu": 0}
+        try:
+            await connection.sendmsg(
+                [json.dumps(job).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [write_fd]))]
+            )
+        finally:
+            os.close(write_fd)
+        assert await server._status(1000) == 141
+        code, output = await server.run(["inspect", str(boot), "ls", "/"], [], memory_limit=0, cpu_limit=0)
+        assert code == 0 and b"d" in output.split()
+    finally:
+        assert server._process is not None
+        server._process.kill()
+        server._process.wait()

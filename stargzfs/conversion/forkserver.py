@@ -29,6 +29,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from stargzfs import cliutil
+from stargzfs.image_cli import PROG
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -174,22 +177,16 @@ def _child(connection: socket.socket, wakeup: tuple[int, int], job: dict[str, An
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
-        from stargzfs import cliutil
-
-        cliutil.exit_without_teardown()  # the finally below ends this child with os._exit
+        cliutil.exit_without_teardown()  # the finally below ends this child with exit_now
         code = cliutil.run(_PARSER, job["argv"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 2
     except BaseException as exc:  # noqa: BLE001 - the daemon needs a line and a status
-        print(f"stargzfs-image: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code)
+        # as the console script ends: output that cannot be flushed is a failed job, not a 0
+        cliutil.exit_now(code, PROG)
 
 
 def serve(connection: socket.socket, ready_fd: int = -1) -> None:
