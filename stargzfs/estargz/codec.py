@@ -13,14 +13,14 @@ gigabytes, so output is produced incrementally and counted against a hard limit.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from stargzfs.errors import FormatError
 
 
-@dataclass(frozen=True)
-class Footer:
+class Footer(msgspec.Struct, frozen=True):
     """Where the TOC is; offsets are compressed blob offsets, all validated against the blob size."""
 
     kind: str  # "estargz" (51 B gzip), "legacy" (47 B gzip), "zstd" (48 B skippable frame)

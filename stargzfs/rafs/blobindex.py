@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+import msgspec
 
 from stargzfs.errors import FormatError, UnsupportedError
 from stargzfs.estargz.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Chunk, Toc
@@ -30,8 +30,7 @@ DIGEST_SIZE = 32
 _NO_DIGEST = bytes(DIGEST_SIZE)
 
 
-@dataclass(frozen=True)
-class BlobIndex:
+class BlobIndex(msgspec.Struct, frozen=True):
     blob_meta_sha256: bytes
     digests: list[bytes | None]  # per blob.meta entry
     prefetch: bytes  # bitmap over blob.meta entries, MSB first
@@ -69,8 +68,7 @@ def decode(data: bytes, blob_meta: bytes) -> BlobIndex:
     return BlobIndex(meta_sha, digests, data[digests_end:], flags)
 
 
-@dataclass(frozen=True)
-class TocChunks:
+class TocChunks(msgspec.Struct, frozen=True):
     """What an index needs from a TOC, taken before the TOC model is consumed (a builder
     frees entries while it makes nodes): each compressed member's first chunk with its raw
     sha256, which members start before `.prefetch.landmark`, and the landmark flags."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from stargzfs.errors import FormatError
 
@@ -37,8 +38,7 @@ _COFF_MASK = 0xFF_FFFF_FFFF
 _UNKNOWN_CSIZE_BITS = 0xFFFFFF << 40
 
 
-@dataclass(frozen=True)
-class ChunkMeta:
+class ChunkMeta(msgspec.Struct, frozen=True):
     """One chunk as nydusd sees it: where it is in the layer blob and in the blob cache."""
 
     uncompressed_offset: int
@@ -60,8 +60,7 @@ class ChunkLocation(Protocol):
     def compressed_size(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class BlobMetaHeader:
+class BlobMetaHeader(msgspec.Struct, frozen=True):
     """The 4096-byte trailer; nydusd requires it to equal the blob-table entry's CI fields."""
 
     magic: int

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from stargzfs.digest import is_layer_hex
 from stargzfs.errors import StargzfsError, UsageError
@@ -24,8 +25,7 @@ MIN_CHUNK_SIZE = 0x1000
 MAX_CHUNK_SIZE = 0x1000000
 
 
-@dataclass
-class BuildResult:
+class BuildResult(msgspec.Struct):
     bootstrap: bytes | bytearray | mmap.mmap  # mmap: the output file's mapping (see allocate)
     blob_meta: bytes | None  # None when the layer has no data chunk (v2.1 writes no file then)
     image: RafsImage

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import stat
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from stargzfs.errors import FormatError
 from stargzfs.rafs.blobmeta import ChunkMeta, decode_blob_meta
@@ -37,12 +38,11 @@ from stargzfs.rafs.reader import BootstrapReader, chunk_table_map, flags_compres
 MAX_FINDINGS = 200
 
 
-@dataclass
-class CheckReport:
+class CheckReport(msgspec.Struct):
     size: int = 0
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    blobs: list[str] = field(default_factory=list)
+    errors: list[str] = msgspec.field(default_factory=list)
+    warnings: list[str] = msgspec.field(default_factory=list)
+    blobs: list[str] = msgspec.field(default_factory=list)
     inodes: int = 0
     directories: int = 0
     files: int = 0

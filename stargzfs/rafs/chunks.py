@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import msgspec
 
 from stargzfs.errors import FormatError, UnsupportedError, VerificationError
 from stargzfs.estargz.codec import Codec
@@ -23,8 +23,7 @@ MAX_SPAN = 32 << 20  # bytes fetched per range request at most (unless one chunk
 MAX_GAP = 1 << 20  # unused bytes we accept reading to save a request
 
 
-@dataclass(frozen=True)
-class PlannedChunk:
+class PlannedChunk(msgspec.Struct, frozen=True):
     """One distinct chunk (hardlinked files share one) and every blob.meta entry naming it."""
 
     indexes: tuple[int, ...]  # blob.meta entries (= nydusd chunk indexes); the first names it in errors

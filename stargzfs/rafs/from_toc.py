@@ -14,7 +14,7 @@ import operator
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+import msgspec
 
 from stargzfs.errors import FormatError, UnsupportedError
 from stargzfs.estargz.toc import HIDDEN_ROOT_NAMES, TYPE_BITS, EntryCore, Toc
@@ -30,8 +30,7 @@ _BLOCK_ID_FIELDS = struct.Struct("<QQQ")
 _CHUNK_INDEX_OF = operator.itemgetter(1)  # ChunkRef.chunk_index, without a Python call per ref
 
 
-@dataclass
-class TocTree:
+class TocTree(msgspec.Struct):
     image: RafsImage
     #: the chunk at each chunk index 0..n-1 (hardlink duplicates included, as v2.1 counts)
     index_records: list[ChunkRef]

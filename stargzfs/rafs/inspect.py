@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import stat
-from dataclasses import asdict
 from typing import Any
+
+import msgspec
 
 from stargzfs.errors import UsageError
 from stargzfs.rafs.ondisk import new_decode_dev
@@ -47,7 +48,7 @@ def inspect_bootstrap(data: bytes, command: str, path: str | None = None) -> Any
     if command == "stats":
         return _stats(reader, image)
     if command == "blobs":
-        return [dict(asdict(blob), blob_index=i) for i, blob in enumerate(image.blobs)]
+        return [dict(msgspec.structs.asdict(blob), blob_index=i) for i, blob in enumerate(image.blobs)]
     node = _lookup(image, path or "/")
     if command == "ls":
         if node.children is None:

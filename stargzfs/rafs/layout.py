@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import stat
 from collections import deque
-from dataclasses import dataclass
 
 import msgspec
 
@@ -75,8 +74,7 @@ class Placement(msgspec.Struct, gc=False):
     parent: Node | None = None
 
 
-@dataclass
-class Layout:
+class Layout(msgspec.Struct):
     """Every inode's place; each node's own inode address is left in `Node.addr` (hardlinks
     share it), which costs no per-node dict at a million inodes."""
 

@@ -10,8 +10,9 @@ check them) is rafs.chunks', shared with the mount's lazy blob server.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from stargzfs.atomicio import atomic_output
 from stargzfs.errors import FormatError, UnsupportedError
@@ -26,8 +27,7 @@ COMPRESSIONS = CODEC_NAMES
 Progress = Callable[[int, int], None]  # (bytes fetched so far, bytes to fetch in all)
 
 
-@dataclass(frozen=True)
-class MaterializeResult:
+class MaterializeResult(msgspec.Struct, frozen=True):
     output: Path
     size: int  # bytes of the (sparse) cache file
     chunks: int  # distinct chunks written

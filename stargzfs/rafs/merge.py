@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from stargzfs.digest import is_layer_hex
 from stargzfs.errors import FormatError, UnsupportedError, UsageError
@@ -34,8 +35,7 @@ _RAFS_V5_MAGIC = 0x5241_4653
 _RAFS_V5_VERSION = 0x500
 
 
-@dataclass
-class MergeResult:
+class MergeResult(msgspec.Struct):
     bootstrap: bytes
     image: RafsImage
     blob_ids: list[str]  # merged blob table, in device order
@@ -109,8 +109,7 @@ def _merge(sources: Sequence[Path], parent: Path | None) -> MergeResult:
     return MergeResult(write_bootstrap(merged), merged, [blob.blob_id for blob in blobs])
 
 
-@dataclass(frozen=True)
-class _SourceSettings:
+class _SourceSettings(msgspec.Struct, frozen=True):
     """What a source's superblock says about all of its files (no tree: keeps memory flat)."""
 
     path: Path

@@ -1,6 +1,6 @@
 """Every RAFS v6 on-disk structure's byte layout, in one place (like erofs-utils' erofs_fs.h).
 
-Spec: rafs-v6.md §2. All integers little-endian. Each structure is a frozen dataclass with
+Spec: rafs-v6.md §2. All integers little-endian. Each structure is a frozen msgspec Struct with
 `pack() -> bytes` and `unpack(buf, offset) -> instance`; the bulk writer uses the
 precompiled `struct.Struct` objects directly (`pack_into`) to stay fast on 1M inodes.
 """
@@ -8,7 +8,8 @@ precompiled `struct.Struct` objects directly (`pack_into`) to stay fast on 1M in
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+import msgspec
 
 from stargzfs.errors import FormatError
 
@@ -155,8 +156,7 @@ def _need(buf: bytes, offset: int, size: int, what: str) -> None:
         raise FormatError(f"{what} at offset {offset} lies beyond the end of the data ({len(buf)} bytes)")
 
 
-@dataclass(frozen=True)
-class SuperBlock:
+class SuperBlock(msgspec.Struct, frozen=True):
     magic: int = EROFS_MAGIC
     checksum: int = 0
     feature_compat: int = FEATURE_COMPAT_RAFS_V6
@@ -191,8 +191,7 @@ class SuperBlock:
         return cls(*fields[:18])
 
 
-@dataclass(frozen=True)
-class ExtSuperBlock:
+class ExtSuperBlock(msgspec.Struct, frozen=True):
     flags: int = 0
     blob_table_offset: int = 0
     blob_table_size: int = 0
@@ -216,8 +215,7 @@ class ExtSuperBlock:
         return cls(*fields[:8])
 
 
-@dataclass(frozen=True)
-class DeviceSlot:
+class DeviceSlot(msgspec.Struct, frozen=True):
     tag: bytes
     blocks: int
     mapped_blkaddr: int = 0
@@ -232,8 +230,7 @@ class DeviceSlot:
         return cls(tag, blocks, mapped)
 
 
-@dataclass(frozen=True)
-class BlobEntry:
+class BlobEntry(msgspec.Struct, frozen=True):
     blob_id: bytes
     blob_index: int
     chunk_size: int
@@ -264,8 +261,7 @@ class BlobEntry:
         return cls(*BLOB_ENTRY.unpack_from(buf, offset)[:15])
 
 
-@dataclass(frozen=True)
-class Inode:
+class Inode(msgspec.Struct, frozen=True):
     """Either on-disk inode form, widened: `extended` tells which one it was."""
 
     extended: bool
@@ -320,8 +316,7 @@ class Inode:
         return cls(False, f, icount, mode, nlink, size, i_u, ino, uid, gid, build_time, build_time_nsec)
 
 
-@dataclass(frozen=True)
-class Dirent:
+class Dirent(msgspec.Struct, frozen=True):
     nid: int
     nameoff: int
     file_type: int
@@ -336,8 +331,7 @@ class Dirent:
         return cls(nid, nameoff, ftype)
 
 
-@dataclass(frozen=True)
-class ChunkIndex:
+class ChunkIndex(msgspec.Struct, frozen=True):
     """Kernel erofs_inode_chunk_index as nydus fills it (device = blob_index + 1)."""
 
     chunk_index: int
@@ -356,8 +350,7 @@ class ChunkIndex:
         return cls(low | ((device >> 8) << 16), device & 0xFF, blkaddr)
 
 
-@dataclass(frozen=True)
-class ChunkRecord:
+class ChunkRecord(msgspec.Struct, frozen=True):
     """RafsV5ChunkInfo, the 80-byte chunk table record nydusd indexes by (blob, index, blkaddr)."""
 
     block_id: bytes

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import msgspec
@@ -92,8 +91,7 @@ class Node(msgspec.Struct, gc=False, eq=False, repr_omit_defaults=True):
         return f"Node({self.name!r}, mode={self.mode:#o}, size={self.size})"
 
 
-@dataclass
-class BlobInfo:
+class BlobInfo(msgspec.Struct):
     """One blob-table entry (rafs-v6 §2.5) plus the blob.meta header fields it copies."""
 
     blob_id: str
@@ -110,12 +108,11 @@ class BlobInfo:
     ci_uncompressed_size: int = 0
 
 
-@dataclass
-class RafsImage:
+class RafsImage(msgspec.Struct):
     """A whole bootstrap: tree + blob table + the superblock flags that are not derived."""
 
     root: Node
-    blobs: list[BlobInfo] = field(default_factory=list)
+    blobs: list[BlobInfo] = msgspec.field(default_factory=list)
     chunk_size: int = 0x400000
     compressor: str = "gzip"
     digester: str = "sha256"
