@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -166,9 +167,14 @@ def exit_without_teardown() -> None:
 
 
 def keep_until_exit(value: object) -> None:
-    """Keep `value` alive until the process exits, when it is about to exit anyway."""
+    """Keep `value` alive until the process exits, when it is about to exit anyway.
+
+    Also out of the cyclic GC's sight (gc.freeze): the first collection after a build
+    turns the GC back on would otherwise walk every object the build made, once, for
+    nothing (20 ms of a 100k-entry create)."""
     if _exits_without_teardown:
         _kept_until_exit.append(value)
+        gc.freeze()
 
 
 def exit_now(code: int, prog: str) -> NoReturn:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stargzfs import cliutil
 from stargzfs.atomicio import write_files_atomically
+from stargzfs.gcpause import paused_gc
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -41,6 +42,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    # The cyclic GC stays off until the merged tree is kept (see cliutil.keep_until_exit),
+    # as in `create`: turned back on in between, its next collection walks the whole tree.
+    with paused_gc():
+        return _merge(args)
+
+
+def _merge(args: argparse.Namespace) -> int:
     from stargzfs.rafs.merge import merge_bootstraps  # imported late: keeps `--help` cheap
 
     # A bytearray, not a mapping of the output as `create` uses: at merge sizes the
