@@ -3,6 +3,7 @@ order, one-line errors with distinct exit codes, and never a partial or stray ou
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -49,8 +50,10 @@ def test_console_script_ends_without_teardown_yet_loses_no_output(
         {"name": f"dir/file-{i:05d}", "type": "reg", "mode": 0o644} for i in range(3000)
     ]}).encode())
     boot = tmp_path / ("b" * 64)
+    frozen = gc.get_freeze_count()
     assert main(seed_argv(boot, tmp_path / "meta", toc, "b" * 64)) == 0
     assert cliutil._kept_until_exit == []
+    assert gc.get_freeze_count() == frozen  # hidden from the cyclic GC only in a process about to exit
     capsys.readouterr()
     assert main(["inspect", str(boot), "ls", "/dir"]) == 0
     expected = capsys.readouterr().out
@@ -120,6 +123,12 @@ def test_bad_toc_leaves_previous_outputs_untouched(tmp_path: Path, capsys: pytes
     bad.write_text("{not json")
     assert main(seed_argv(out, meta, bad)) == 5
     assert "not valid JSON" in capsys.readouterr().err
+    bad.write_text("")  # nothing to map: read instead, and the same error
+    assert main(seed_argv(out, meta, bad)) == 5
+    assert "not valid JSON" in capsys.readouterr().err
+    bad.write_text('{"version": 1, "entries": [{"name": "d", "type": "dir"}, {"name": "d/a", "type": "reg", "size": "5"}]}')
+    assert main(seed_argv(out, meta, bad)) == 5  # the error is worked out from the mapped bytes again
+    assert "entry #1 ('d/a'): 'size'" in capsys.readouterr().err
     assert main(seed_argv(out, meta, tmp_path / "missing.json")) == 2
     assert out.read_bytes() == b"old bootstrap" and not meta.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["boot", "toc.json"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import calendar
 import functools
+import mmap
 import posixpath
 import re
 import stat
@@ -252,20 +253,22 @@ def _where(index: int, name: object) -> str:
     return f"entry #{index} ({_shorten(name)!r})"
 
 
-def parse_toc(raw: bytes, *, digests: bool = True) -> Toc:
+def parse_toc(raw: bytes | mmap.mmap, *, digests: bool = True, keep_raw: bool = True) -> Toc:
     """Decode and normalise TOC JSON bytes; a FormatError names the entry.
 
     `digests=False` (the builder) decodes EntryCore records: no `digest`/`chunkDigest`
     strings, `Chunk.digest` None, and `modtime` strings dropped once parsed.
+    `keep_raw=False` leaves `Toc.raw` empty (no `stargz.index.json` to write, no digest
+    to ask for): `raw` may then be a mapping of the file, which is never copied.
     """
     with paused_gc():
         records = _decode(raw, digests)
         entries, has_root = _normalise(records, digests)
         del records
-        return Toc(entries, bytes(raw), has_root)
+        return Toc(entries, bytes(raw) if keep_raw else b"", has_root)
 
 
-def _decode(raw: bytes, digests: bool) -> list[EntryCore]:
+def _decode(raw: bytes | mmap.mmap, digests: bool) -> list[EntryCore]:
     """JSON → Entry structs; msgspec's own errors become one-line FormatErrors."""
     try:
         document = _DECODERS[digests].decode(raw)
@@ -281,7 +284,7 @@ def _decode(raw: bytes, digests: bool) -> list[EntryCore]:
     return document.entries or []
 
 
-def _explain(raw: bytes, message: str) -> StargzfsError:
+def _explain(raw: bytes | mmap.mmap, message: str) -> StargzfsError:
     """A msgspec ValidationError (`<what> - at `$.entries[3].size``) as our error naming the
     entry. Syntax errors anywhere win, then a wrong version, as they would for a parser that
     reads the whole document before looking at it."""
@@ -311,7 +314,7 @@ def _explain(raw: bytes, message: str) -> StargzfsError:
     return FormatError(f"TOC {where}: {key!r}: {what}" if key else f"TOC {where}: {what}")
 
 
-def _entry_name(raw: bytes, index: int) -> object:
+def _entry_name(raw: bytes | mmap.mmap, index: int) -> object:
     """The `name` of record `index`, for an error message (None when it has none)."""
     try:
         record = _RAW_ENTRIES.decode(raw).entries[index]

@@ -88,13 +88,7 @@ def build_bootstrap_from_toc_file(
     UsageError when the file cannot be read; otherwise as build_bootstrap.
     """
     _validate(blob_id, chunk_size, compressor)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read TOC {str(path)!r}: {exc.strerror}") from None
-    toc = parse_toc(raw, digests=blob_index)  # the bootstrap needs no digest strings
-    del raw
-    toc.raw = b""  # only `stargz.index.json` writers need the bytes; this Toc is ours alone
+    toc = _parse_toc_file(path, digests=blob_index)  # the bootstrap needs no digest strings
     with paused_gc():
         chunks, index_problem = _index_chunks(toc) if blob_index else (None, None)
         tree = build_tree(
@@ -110,6 +104,23 @@ def build_bootstrap_from_toc_file(
                 index_problem = str(exc)
         result.blob_index_problem = index_problem
         return result
+
+
+def _parse_toc_file(path: Path, *, digests: bool) -> Toc:
+    """Decoded straight from a read-only mapping of the file: reading it into a bytes
+    object first cost ~20 ms per 100k entries (a 30 MB copy into freshly faulted memory),
+    and msgspec decodes the mapping as fast. The Toc keeps no raw bytes (this Toc is the
+    builder's alone; only `stargz.index.json` writers need them)."""
+    try:
+        with open(path, "rb") as file:
+            try:
+                mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            except (ValueError, OSError):  # empty, or not a mappable file (a pipe): read it
+                return parse_toc(file.read(), digests=digests, keep_raw=False)
+    except OSError as exc:
+        raise UsageError(f"cannot read TOC {str(path)!r}: {exc.strerror}") from None
+    with mapping:
+        return parse_toc(mapping, digests=digests, keep_raw=False)
 
 
 def _index_chunks(toc: Toc) -> tuple[blobindex.TocChunks | None, str | None]:
