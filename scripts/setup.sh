@@ -21,12 +21,20 @@ stargzfs_setup() {
   if [ ! -x .venv/bin/python ]; then
     "$py" -m venv .venv
   fi
+  # The stamp names the install mode too, so a venv made the older way is reinstalled.
   local stamp=.venv/.stargzfs-installed want
-  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  want="$(sha256sum pyproject.toml | cut -d' ' -f1) editable_mode=compat"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing stargzfs into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >&2 || true
-    .venv/bin/python -m pip install -q -e '.[test]' >&2
+    # compat: a .pth that puts the checkout on sys.path, as a wheel install would leave no
+    # import hook behind. The default (lenient) mode installs a finder that every Python
+    # start imports (~20 ms per CLI, builder and test subprocess). setuptools calls compat
+    # transitional, so fall back to the default if a future one refuses it.
+    if ! .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat >&2; then
+      echo "setup: editable_mode=compat refused; installing with the default editable mode" >&2
+      .venv/bin/python -m pip install -q -e '.[test]' >&2
+    fi
     echo "$want" > "$stamp"
   fi
   # Byte-compile the package as a wheel install would: the mount starts builder and CLI
